@@ -1,0 +1,107 @@
+"""HMTConfig: the sizes of one HMT wrapper, validated (spec "Symbols and configuration").
+
+The backbone sees windows of ``W = Ls + k + 2`` positions: the recalled memory ``P``, ``k`` sensory tokens,
+``Ls`` new tokens and ``P`` again.  The paper's "segment length" is ``W``; ``segment_tokens`` here is ``Ls``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .ops import KERNEL_CHOICES
+
+RECALL_MODES = ("paper", "causal")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+
+
+@dataclass
+class HMTConfig:
+    """Sizes and modes of an HMT wrapper.
+
+    segment_tokens: ``Ls``, new tokens per segment.
+    sensory_tokens: ``k``, last token ids of the previous segment re-embedded at the start of a segment (0 = off).
+    summary_tokens: ``j``, tokens summarised for the recall query; None means ``segment_tokens // 2``.
+    memory_slots: ``N``, memory embeddings kept for recall (the newest N).
+    recall_dim: ``d_h``, width of the recall projections W_q and W_k.
+    recall: "paper" (query = first j tokens of the segment) or "causal" (query = last j tokens before it).
+    kernels: "auto", "torch", "triton" or "native": the backend of the hot-path ops (hmt_runtime.ops).
+    """
+
+    segment_tokens: int = 222
+    sensory_tokens: int = 32
+    summary_tokens: int | None = None
+    memory_slots: int = 300
+    recall_dim: int = 1536
+    recall: str = "paper"
+    kernels: str = "auto"
+    window: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        _check_int("segment_tokens", self.segment_tokens, 1)
+        _check_int("sensory_tokens", self.sensory_tokens, 0)
+        if self.sensory_tokens > self.segment_tokens:
+            raise ValueError(
+                f"sensory_tokens={self.sensory_tokens}: expected at most segment_tokens={self.segment_tokens} "
+                "(sensory tokens are the tail of the previous segment)"
+            )
+        if self.summary_tokens is None:
+            self.summary_tokens = max(1, self.segment_tokens // 2)
+        _check_int("summary_tokens", self.summary_tokens, 1)
+        if self.summary_tokens > self.segment_tokens:
+            raise ValueError(
+                f"summary_tokens={self.summary_tokens}: expected at most segment_tokens={self.segment_tokens}"
+            )
+        _check_int("memory_slots", self.memory_slots, 1)
+        _check_int("recall_dim", self.recall_dim, 1)
+        if self.recall not in RECALL_MODES:
+            raise ValueError(f"recall={self.recall!r}: expected one of {RECALL_MODES}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={self.kernels!r}: expected one of {KERNEL_CHOICES}")
+        self.window = self.segment_tokens + self.sensory_tokens + 2
+
+    @classmethod
+    def from_window(cls, window: int, sensory_tokens: int = 32, **kwargs) -> "HMTConfig":
+        """Config for a backbone window of ``window`` positions: ``Ls = window - sensory_tokens - 2``.
+
+        ``HMTConfig.from_window(1024, sensory_tokens=32).segment_tokens == 990``.
+        """
+        _check_int("window", window, 3)
+        _check_int("sensory_tokens", sensory_tokens, 0)
+        if "segment_tokens" in kwargs:
+            raise ValueError("from_window() derives segment_tokens from window; pass one or the other, not both")
+        segment_tokens = window - sensory_tokens - 2
+        if segment_tokens < 1:
+            raise ValueError(
+                f"window={window} with sensory_tokens={sensory_tokens}: leaves {segment_tokens} new tokens per "
+                "segment; expected window >= sensory_tokens + 3"
+            )
+        return cls(segment_tokens=segment_tokens, sensory_tokens=sensory_tokens, **kwargs)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("window")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HMTConfig":
+        data = dict(data)
+        window = data.pop("window", None)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"HMT config has unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        cfg = cls(**data)
+        if window is not None and window != cfg.window:
+            raise ValueError(f"HMT config window={window} disagrees with segment_tokens + sensory_tokens + 2 = {cfg.window}")
+        return cfg
+
+    def describe(self) -> str:
+        return (
+            f"window W={self.window} = Ls {self.segment_tokens} + sensory k {self.sensory_tokens} + 2 memory positions; "
+            f"summary j={self.summary_tokens}; memory slots N={self.memory_slots}; recall d_h={self.recall_dim}; "
+            f"recall mode {self.recall!r}; kernels {self.kernels!r}"
+        )

@@ -1,0 +1,439 @@
+"""HMTModel: the HMT parameters around a transformers causal LM, the teacher-forced forward, save/load.
+
+The one segment step (spec "One segment") is split into the pieces both the forward pass and generation use:
+``summarize`` (step 1), ``recall_memory`` (step 2), ``segment_embeddings`` + ``run_backbone`` (step 3) and
+``lm_logits`` (step 4).  ``forward`` runs them over whole segments; ``hmt_runtime.generate`` runs the same
+pieces incrementally, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from . import backbones
+from .config import HMTConfig
+from .ops import TORCH_OPS, Ops, resolve_ops
+
+CONFIG_NAME = "hmt_config.json"
+WEIGHTS_NAME = "hmt.safetensors"
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+FORMAT = "hmt-checkpoint"
+DEFAULT_DIR = Path(__file__).parent / "weights" / "default"
+
+
+class Recall(nn.Module):
+    """The recall projections (spec "Extra parameters"): w_q, w_k: nn.Linear(d, d_h, bias=False)."""
+
+    def __init__(self, width: int, recall_dim: int):
+        super().__init__()
+        self.w_q = nn.Linear(width, recall_dim, bias=False)
+        self.w_k = nn.Linear(width, recall_dim, bias=False)
+
+
+@dataclass
+class HMTOutput(ModelOutput):
+    """loss: scalar (with labels).  logits: (B, S, V), logits[:, t] predicts token t + 1.
+    memories: (B, n_segments, d), M_n of every segment (zeros past a padded row's last segment)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memories: torch.Tensor | None = None
+
+
+def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
+    """Validate token ids: a non-empty (B, S) integer tensor with ids in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{name}: expected shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"{name}: expected at least one token, got shape {tuple(input_ids.shape)}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return input_ids.long()
+
+
+class HMTModel(nn.Module):
+    """Hierarchical Memory Transformer around ``backbone`` (any transformers causal LM).
+
+    Attributes: ``summary_prompt`` T (1, d), ``memory_init`` M_init (1, d), ``recall.w_q`` / ``recall.w_k``
+    (nn.Linear(d, d_h, bias=False)), ``backbone``, ``config`` (HMTConfig), ``tokenizer`` (or None).
+    """
+
+    def __init__(self, backbone: nn.Module, config: HMTConfig, tokenizer=None):
+        super().__init__()
+        if not isinstance(config, HMTConfig):
+            raise TypeError(f"config: expected an HMTConfig, got {type(config).__name__}")
+        inner = backbones.unwrap(backbone)
+        if not hasattr(inner, "get_input_embeddings") or not hasattr(inner, "base_model"):
+            raise TypeError(f"backbone: expected a transformers causal LM, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.config = config
+        self.tokenizer = tokenizer
+        embeddings = inner.get_input_embeddings().weight
+        width = embeddings.shape[1]
+        std = float(embeddings.detach().float().std())
+        dtype, device = embeddings.dtype, embeddings.device
+        self.summary_prompt = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
+        self.memory_init = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
+        self.recall = Recall(width, config.recall_dim).to(device=device, dtype=dtype)
+        self._base_attn = getattr(inner.config, "_attn_implementation", None)
+        self._ops_cache: dict[str, Ops] = {}
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def width(self) -> int:
+        return self.summary_prompt.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return backbones.vocab_size(self.backbone)
+
+    @property
+    def device(self) -> torch.device:
+        return self.summary_prompt.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.summary_prompt.dtype
+
+    def warm_start(self, token_id: int | None = None) -> None:
+        """Set T and M_init to the embedding of ``token_id`` (default: BOS) (spec: documented warm start)."""
+        if token_id is None:
+            token_id = getattr(backbones.unwrap(self.backbone).config, "bos_token_id", None)
+            if token_id is None:
+                raise ValueError("warm_start: the backbone has no bos_token_id; pass token_id")
+        with torch.no_grad():
+            vector = self.embed(torch.tensor([[token_id]], device=self.device))[0]
+            self.summary_prompt.copy_(vector)
+            self.memory_init.copy_(vector)
+
+    # ----------------------------------------------------------------------------------------- backend
+    def ops(self) -> Ops:
+        """The hot-path ops for this call: the configured backend, or torch while gradients are needed
+        (the kernels are inference-only).  Switches the backbone's attention implementation to match."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if needs_grad:
+            ops = TORCH_OPS
+        else:
+            key = str(self.device)
+            if key not in self._ops_cache:
+                self._ops_cache[key] = resolve_ops(self.config.kernels, self.device)
+            ops = self._ops_cache[key]
+        wanted = ops.attn_implementation or self._base_attn
+        inner = backbones.unwrap(self.backbone)
+        if wanted is not None and getattr(inner.config, "_attn_implementation", None) != wanted:
+            inner.set_attn_implementation(wanted)
+        return ops
+
+    # ----------------------------------------------------------------------------------------- segment pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: (B, L) -> E(ids): (B, L, d)."""
+        return backbones.unwrap(self.backbone).get_input_embeddings()(ids)
+
+    def run_backbone(self, embeds: torch.Tensor, start: int = 0, past_key_values=None) -> torch.Tensor:
+        """embeds: (B, L, d) at segment positions [start, start + L) -> final hidden states (B, L, d).
+
+        Positions restart at 0 in every segment (spec step 3); ``past_key_values`` holds the segment's earlier
+        positions (exactly ``start`` of them) when given.
+        """
+        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)[None].expand(embeds.shape[0], -1)
+        body = backbones.decoder_body(self.backbone)
+        out = body(inputs_embeds=embeds, position_ids=positions, **backbones.cache_kwargs(body, past_key_values))
+        return out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (B, L, d) -> logits (B, L, V)."""
+        inner = backbones.unwrap(self.backbone)
+        logits = inner.get_output_embeddings()(hidden)
+        softcap = getattr(inner.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def summarize(self, query_ids: torch.Tensor) -> torch.Tensor:
+        """Spec step 1: query_ids (B, j') -> S (B, d), the final hidden state at the trailing T of [T ; E(q) ; T]."""
+        prompt = self.summary_prompt.expand(query_ids.shape[0], 1, -1)
+        embeds = torch.cat([prompt, self.embed(query_ids), prompt], dim=1)
+        return self.run_backbone(embeds)[:, -1]
+
+    def recall_memory(self, summary, memory, keys, written, ops: Ops | None = None) -> torch.Tensor:
+        """Spec step 2: summary (B, d), memory (B, n, d), keys (B, n, d_h), written (B,) -> P (B, d)."""
+        ops = ops or self.ops()
+        return ops.recall(summary, memory, keys, written, self.recall.w_q.weight)
+
+    def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
+        """Spec step 3: [P ; E(sensory) ; E(x) ; P] -> (B, 1 + k' + L + trailing, d).
+
+        recalled: (B, d); sensory_ids: (B, k') or None; segment_ids: (B, L) (L may be 0)."""
+        p = recalled[:, None, :]
+        parts = [p]
+        if sensory_ids is not None and sensory_ids.shape[1]:
+            parts.append(self.embed(sensory_ids))
+        if segment_ids.shape[1]:
+            parts.append(self.embed(segment_ids))
+        if trailing:
+            parts.append(p)
+        return torch.cat(parts, dim=1)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def iter_segments(self, input_ids: torch.Tensor, use_recall: bool = True):
+        """Teacher-forced pass over ``input_ids`` (B, S), one segment at a time.
+
+        Yields ``(start, hidden, memory)``: the segment's first token index, the final hidden states of its
+        token positions (B, L, d) and its memory embedding M_n (B, d).  Gradients flow through every segment and
+        the memory cache (no detach).  ``use_recall=False`` is training stage 1: segment n gets M_{n-1}.
+        """
+        cfg = self.config
+        batch, length = input_ids.shape
+        ops = self.ops()
+        memories: list[torch.Tensor] = []
+        sensory = None
+        for start in range(0, length, cfg.segment_tokens):
+            tokens = input_ids[:, start : start + cfg.segment_tokens]
+            if not memories:
+                recalled = self.memory_init.expand(batch, -1)
+            elif not use_recall:
+                recalled = memories[-1]
+            else:
+                if cfg.recall == "paper":
+                    query = tokens[:, : cfg.summary_tokens]
+                else:
+                    query = input_ids[:, start - cfg.summary_tokens : start]
+                cache = torch.stack(memories[-cfg.memory_slots :], dim=1)  # (B, n', d), the newest N
+                keys = self.recall.w_k(cache)
+                written = torch.full((batch,), cache.shape[1], dtype=torch.long, device=input_ids.device)
+                recalled = self.recall_memory(self.summarize(query), cache, keys, written, ops)
+            hidden = self.run_backbone(self.segment_embeddings(recalled, sensory, tokens))
+            n_sensory = 0 if sensory is None else sensory.shape[1]
+            memory = hidden[:, -1]
+            memories.append(memory)
+            yield start, hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]], memory
+            if cfg.sensory_tokens:
+                sensory = tokens[:, -cfg.sensory_tokens :]
+
+    def forward(self, input_ids, attention_mask=None, labels=None, use_recall: bool = True, loss_on: str = "last_segment"):
+        """input_ids: (B, S) -> HMTOutput(loss, logits (B, S, V), memories (B, n_segments, d)).
+
+        attention_mask: (B, S) of 1 for real tokens; padding must be on the right (rows are then run at their
+        own lengths; logits of padded positions are zero).  labels: (B, S) token ids (-100 = ignore); the loss
+        compares logits[:, t] with labels[:, t + 1].  loss_on="last_segment" (the spec's training loss: the
+        positions of the last segment) or "all" (every position).
+        """
+        input_ids = check_input_ids(input_ids, self.vocab_size)
+        if loss_on not in ("last_segment", "all"):
+            raise ValueError(f"loss_on={loss_on!r}: expected 'last_segment' or 'all'")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels: expected a tensor of shape {tuple(input_ids.shape)}, got {shape}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}")
+            lengths = attention_mask.long().sum(dim=1)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            if not torch.equal(attention_mask.long().bool(), positions < lengths[:, None]):
+                raise ValueError("attention_mask: expected right padding (ones, then zeros) in every row")
+            if int(lengths.min()) == 0:
+                raise ValueError("attention_mask: a row has no tokens; expected at least one per row")
+            if int(lengths.min()) < input_ids.shape[1]:
+                return self._forward_padded(input_ids, lengths, labels, use_recall, loss_on)
+
+        logits, memories = [], []
+        for start, hidden, memory in self.iter_segments(input_ids, use_recall=use_recall):
+            logits.append(self.lm_logits(hidden))
+            memories.append(memory)
+        logits = torch.cat(logits, dim=1)
+        loss = None
+        if labels is not None:
+            first = 0
+            if loss_on == "last_segment":
+                first = ((input_ids.shape[1] - 1) // self.config.segment_tokens) * self.config.segment_tokens
+            loss = shifted_cross_entropy(logits, labels, first)
+        return HMTOutput(loss=loss, logits=logits, memories=torch.stack(memories, dim=1))
+
+    def _forward_padded(self, input_ids, lengths, labels, use_recall, loss_on):
+        batch, length = input_ids.shape
+        n_segments = math.ceil(length / self.config.segment_tokens)
+        logits = input_ids.new_zeros((batch, length, self.vocab_size), dtype=self.dtype)
+        memories = input_ids.new_zeros((batch, n_segments, self.width), dtype=self.dtype)
+        losses = []
+        for row in range(batch):
+            n = int(lengths[row])
+            out = self.forward(
+                input_ids[row : row + 1, :n],
+                labels=None if labels is None else labels[row : row + 1, :n],
+                use_recall=use_recall,
+                loss_on=loss_on,
+            )
+            logits[row, :n] = out.logits[0]
+            memories[row, : out.memories.shape[1]] = out.memories[0]
+            if out.loss is not None and not torch.isnan(out.loss):
+                losses.append(out.loss)
+        loss = torch.stack(losses).mean() if losses else None
+        return HMTOutput(loss=loss, logits=logits, memories=memories)
+
+    # ----------------------------------------------------------------------------------------- generation
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None, streamer=None,
+                 state=None, return_state: bool = False, progress: bool = False):
+        """Continue ``input_ids`` (B, S); returns (B, S + new) ids like transformers' generate.
+
+        Unbounded: memory is written at every segment boundary and the KV cache never exceeds W positions.
+        ``state`` (a MemoryState from ``hmt_runtime.generate.ingest``) continues after an ingested document
+        (``input_ids`` then holds only the new tokens); ``return_state=True`` returns ``(ids, state)``.
+        """
+        from .segment import generate_ids
+
+        return generate_ids(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                            streamer=streamer, state=state, return_state=return_state, progress=progress)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def hmt_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "summary_prompt": self.summary_prompt.detach(),
+            "memory_init": self.memory_init.detach(),
+            "recall.w_q.weight": self.recall.w_q.weight.detach(),
+            "recall.w_k.weight": self.recall.w_k.weight.detach(),
+        }
+
+    def backbone_identity(self) -> dict:
+        inner = backbones.unwrap(self.backbone)
+        return {
+            "source": getattr(self.backbone, "hmt_source", None) or getattr(inner, "hmt_source", None),
+            "model_type": getattr(inner.config, "model_type", None),
+            "width": self.width,
+            "vocab_size": self.vocab_size,
+        }
+
+    def save_pretrained(self, save_directory, save_backbone: bool = False) -> None:
+        """Write ``hmt.safetensors`` (T, M_init, W_q, W_k), ``hmt_config.json`` (HMT config, recall mode,
+        backbone identity), the LoRA adapter if the backbone is a peft model, and with ``save_backbone`` the
+        whole backbone and tokenizer.  The directory is written beside the target and swapped in, so a failed
+        save never damages an existing checkpoint."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            tensors = {k: v.contiguous().cpu() for k, v in self.hmt_state_dict().items()}
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+            meta = {"format": FORMAT, "version": 1, "hmt": self.config.to_dict(), "backbone": self.backbone_identity(),
+                    "dtype": str(self.dtype).replace("torch.", "")}
+            if hasattr(self.backbone, "peft_config"):
+                self.backbone.save_pretrained(tmp / ADAPTER_DIR)
+                meta["adapter"] = ADAPTER_DIR
+            if save_backbone:
+                backbones.unwrap(self.backbone).save_pretrained(tmp / BACKBONE_DIR)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+                meta["backbone_dir"] = BACKBONE_DIR
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+            old = None
+            if target.exists():
+                old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def read_checkpoint_config(directory) -> dict:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} is not an HMT checkpoint: {CONFIG_NAME} is missing")
+        try:
+            meta = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(path)!r} is not an HMT checkpoint config: {err}") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is not an HMT checkpoint config (format field missing or wrong)")
+        return meta
+
+    def load_hmt_weights(self, directory) -> None:
+        path = Path(directory) / WEIGHTS_NAME
+        try:
+            tensors = load_file(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{str(directory)!r} is not an HMT checkpoint: {WEIGHTS_NAME} is missing") from None
+        except Exception as err:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
+        expected = self.hmt_state_dict()
+        if set(tensors) != set(expected):
+            raise ValueError(f"{str(path)!r} holds {sorted(tensors)}; expected {sorted(expected)}")
+        for name, value in tensors.items():
+            if value.shape != expected[name].shape:
+                raise ValueError(
+                    f"checkpoint tensor {name} has shape {tuple(value.shape)} but this model needs "
+                    f"{tuple(expected[name].shape)}: the checkpoint was made for another backbone width or recall_dim"
+                )
+        with torch.no_grad():
+            for name, value in tensors.items():
+                expected[name].copy_(value)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,
+                        dtype: torch.dtype | None = None):
+        """Load a checkpoint written by ``save_pretrained``; "default" is the trained HMT shipped for
+        SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline)."""
+        directory = DEFAULT_DIR if name_or_path == "default" else Path(name_or_path)
+        if name_or_path == "default" and not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError("the default HMT weights are not installed with this package")
+        meta = cls.read_checkpoint_config(directory)
+        config = HMTConfig.from_dict(meta["hmt"])
+        if kernels is not None:
+            config.kernels = kernels
+            config.__post_init__()
+        identity = meta.get("backbone", {})
+        if backbone is None:
+            if meta.get("backbone_dir"):
+                backbone, tokenizer = backbones.load_backbone(str(directory / meta["backbone_dir"]))
+            elif identity.get("source"):
+                backbone, tokenizer = backbones.load_backbone(identity["source"])
+            else:
+                raise ValueError(f"checkpoint {str(directory)!r} records no backbone source; pass backbone=")
+            if dtype is not None:
+                backbone = backbone.to(dtype)
+        width = backbones.embedding_width(backbone)
+        if identity.get("width") is not None and identity["width"] != width:
+            raise ValueError(
+                f"checkpoint {str(directory)!r} was made for a backbone of width {identity['width']} "
+                f"({identity.get('model_type')}, {identity.get('source')}); this backbone's width is {width}"
+            )
+        if meta.get("adapter"):
+            from peft import PeftModel
+
+            source = getattr(backbone, "hmt_source", None)
+            backbone = PeftModel.from_pretrained(backbone, directory / meta["adapter"])
+            backbone.hmt_source = source
+        model = cls(backbone, config, tokenizer=tokenizer)
+        model.load_hmt_weights(directory)
+        model.eval()
+        return model
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Mean CE of logits[:, t] against labels[:, t + 1] for t in [first, S - 1); -100 labels are ignored."""
+    pred = logits[:, first:-1]
+    target = labels[:, first + 1 :]
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        pred = pred.float()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)

@@ -1,0 +1,138 @@
+"""The three HMT hot-path operations, their torch reference implementations, and backend selection.
+
+Every backend (torch, Triton, native C++/CUDA) implements the same three functions with the same contract:
+
+``recall(summary, memory, keys, written, w_q, out=None) -> P``
+    summary: (B, d) summary states S_n.  memory: (B, N, d) ring buffer of memory embeddings.
+    keys: (B, N, d_h) cached keys (memory @ w_q-shaped W_k^T).  written: (B,) int64, memories written so far per
+    row; the valid slots are the first ``min(written, N)``.  w_q: (d_h, d) (``nn.Linear.weight``).
+    Returns P: (B, d) = softmax((S W_q^T)(K)^T / sqrt(d_h)) @ memory over valid slots (spec "Recall").
+    A row with no valid slot gets zeros (callers use M_init there).  ``out`` (B, d), if given, receives P
+    (it may be a strided view, e.g. a row of an input-embedding buffer) and is returned.
+
+``memory_write(new_memory, w_k, memory, keys, written) -> None``
+    new_memory: (B, d) M_n.  w_k: (d_h, d).  Stores M_n and its key M_n W_k^T into slot ``written % N`` of
+    ``memory``/``keys`` and increments ``written``, all in place (the FIFO of the newest N: the slot
+    overwritten is the oldest one, and recall treats the cache as a set, so this is exact).
+
+``attention_with_kvcache(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None) -> out``
+    q: (B, Lq, Hq, D); k_new, v_new: (B, Lq, Hkv, D); k_cache, v_cache: (B, Hkv, W, D); cache_lens: (B,) int.
+    Writes k_new/v_new into the caches at positions [cache_lens[b], cache_lens[b] + Lq) and returns the causal
+    attention of q over cache positions [0, cache_lens[b] + Lq) with bottom-right alignment (query i sees
+    positions <= cache_lens[b] + i); Hq must be a multiple of Hkv (grouped-query heads).  ``cache_lens`` is not
+    advanced (like ``flash_attn_with_kvcache``).  out: (B, Lq, Hq, D), dtype of q.  Cache positions beyond
+    cache_lens + Lq are never read or written.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_CHOICES = ("auto", "torch", "triton", "native")
+
+
+def recall_torch(summary, memory, keys, written, w_q, out=None):
+    n_slots = memory.shape[1]
+    count = written.clamp(max=n_slots)
+    query = summary @ w_q.t()  # (B, d_h)
+    scores = torch.einsum("bh,bnh->bn", query, keys) / math.sqrt(keys.shape[-1])
+    valid = torch.arange(n_slots, device=memory.device)[None, :] < count[:, None]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    weights = torch.nan_to_num(weights, nan=0.0)  # rows with no valid slot
+    result = torch.einsum("bn,bnd->bd", weights, memory)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+def memory_write_torch(new_memory, w_k, memory, keys, written):
+    n_slots = memory.shape[1]
+    rows = torch.arange(memory.shape[0], device=memory.device)
+    slot = written % n_slots
+    memory[rows, slot] = new_memory.to(memory.dtype)
+    keys[rows, slot] = (new_memory @ w_k.t()).to(keys.dtype)
+    written += 1
+
+
+def attention_with_kvcache_torch(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None):
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_heads, window = k_cache.shape[1], k_cache.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"q has {q_heads} heads, expected a multiple of the cache's {kv_heads} heads")
+    lens = cache_lens.to(torch.long)
+    if int((lens + q_len).max()) > window:
+        raise ValueError(f"cache_lens + Lq exceeds the cache window {window}")
+    pos = lens[:, None] + torch.arange(q_len, device=q.device)[None, :]  # (B, Lq)
+    rows = torch.arange(batch, device=q.device)[:, None].expand(batch, q_len)
+    k_cache[rows, :, pos] = k_new.to(k_cache.dtype)  # advanced indexing: (B, Lq, Hkv, D)
+    v_cache[rows, :, pos] = v_new.to(v_cache.dtype)
+    total = int((lens + q_len).max())
+    keys = k_cache[:, :, :total].repeat_interleave(q_heads // kv_heads, dim=1)
+    values = v_cache[:, :, :total].repeat_interleave(q_heads // kv_heads, dim=1)
+    key_pos = torch.arange(total, device=q.device)
+    mask = key_pos[None, None, :] <= pos[:, :, None]  # (B, Lq, total)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None], scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The backend HMTModel uses: picked once (``resolve_ops``) and passed down."""
+
+    name: str
+    recall: Callable
+    memory_write: Callable
+    attention_with_kvcache: Callable
+    attn_implementation: str | None  # transformers attention name for the backbone, None = leave as is
+
+
+TORCH_OPS = Ops("torch", recall_torch, memory_write_torch, attention_with_kvcache_torch, None)
+
+
+def _triton_ops() -> Ops:
+    import hmt_kernels
+
+    return hmt_kernels.ops()
+
+
+def _native_ops() -> Ops:
+    from hmt_runtime import native
+
+    return native.ops()
+
+
+_warned: set[str] = set()
+
+
+def resolve_ops(kernels: str, device: torch.device | str) -> Ops:
+    """Pick the backend for ``HMTConfig.kernels`` on ``device``.
+
+    "torch" is the reference.  "auto" picks Triton on CUDA and the native extension on CPU when they are
+    available, else torch (with one warning per missing backend).  "triton"/"native" fail loudly when missing.
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels={kernels!r}: expected one of {KERNEL_CHOICES}")
+    device = torch.device(device)
+    if kernels == "torch":
+        return TORCH_OPS
+    if kernels == "triton":
+        return _triton_ops()
+    if kernels == "native":
+        return _native_ops()
+    wanted = "triton" if device.type == "cuda" else "native"
+    try:
+        return _triton_ops() if wanted == "triton" else _native_ops()
+    except Exception as err:  # a missing optional backend must never crash the model
+        if wanted not in _warned:
+            _warned.add(wanted)
+            warnings.warn(f"hmt: {wanted} kernels unavailable ({err}); using the torch path", stacklevel=2)
+        return TORCH_OPS
