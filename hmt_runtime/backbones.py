@@ -114,7 +114,8 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     """Load a causal LM and its tokenizer, offline.
 
     name_or_path: "smollm2-135m" (the embedded default, SmolLM2-135M, Llama architecture, d = 576) or a local
-    transformers model folder.  Returns ``(backbone, tokenizer)``; the backbone is in eval mode.
+    transformers model folder.  Returns ``(backbone, tokenizer)``; the backbone is in eval mode; the tokenizer
+    is None for a folder without tokenizer files.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,7 +132,9 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     backbone = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = None
+    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     backbone.eval()
     backbone.hmt_source = name_or_path  # recorded in HMT checkpoints as the backbone's identity
     return backbone, tokenizer

