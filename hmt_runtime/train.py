@@ -1,0 +1,524 @@
+"""Two-stage BPTT training of HMT (spec "Training"), single process or DDP under torchrun.
+
+One plain loop: each step draws a global batch of windows (``S`` segments of ``Ls`` tokens from one document),
+runs the teacher-forced forward through every segment and the memory cache (no detach), takes the cross-entropy
+of the last segment, and makes one AdamW step with gradient clipping and a step-decayed learning rate.
+Stage 1 (``stage1_steps``) runs 2-segment windows without recall; stage 2 (``stage2_steps``) runs
+``stage2_segments``-segment windows with recall on.
+
+Checkpoints (``<output_dir>/checkpoint``, every ``checkpoint_every`` steps and at the end) hold the model
+(``model/``, as ``HMTModel.save_pretrained`` writes it) and ``trainer_state.pt`` (trainable tensors, optimizer,
+scheduler, RNG states, data position, step).  They are written beside the target and swapped in, so a run that
+fails never damages an existing checkpoint; ``resume=True`` continues exactly where the checkpoint stopped.
+
+    hmt train data/austen/emma.txt data/austen/prideprejudice.txt --output-dir runs/hmt --mode lora --precision bf16
+    torchrun --nproc_per_node=2 -m hmt_runtime.train data/austen/emma.txt --output-dir runs/ddp --batch-size 4
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import backbones
+from .config import HMTConfig
+from .data import Windows, WindowSampler, as_documents, tokenize_files
+from .model import HMTModel, shifted_cross_entropy
+
+MODES = ("full", "frozen", "lora")
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "final"
+STATE_NAME = "trainer_state.pt"
+MODEL_DIR = "model"
+STATE_FORMAT = "hmt-trainer-state"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (recorded in its checkpoints).
+
+    data: text files or folders (ignored when ``train`` is given token ids).  backbone: ``load_backbone`` name or
+    folder.  window / sensory_tokens / memory_slots / recall_dim / recall: the HMT config
+    (``HMTConfig.from_window``).  mode: "full" (every weight), "frozen" (HMT parameters only) or "lora" (HMT
+    parameters + a LoRA adapter of rank ``lora_rank`` on the attention projections).  batch_size: the global
+    batch (split over DDP ranks).  lr decays by ``lr_gamma`` every ``lr_step`` steps.  precision: "fp32" or
+    "bf16" (autocast; the weights stay fp32).  grad_checkpointing: recompute each backbone pass of a segment in
+    the backward pass instead of keeping its activations.
+    """
+
+    data: list[str] = field(default_factory=list)
+    output_dir: str = "runs/hmt"
+    backbone: str = backbones.DEFAULT_BACKBONE
+    window: int = 256
+    sensory_tokens: int = 32
+    memory_slots: int = 300
+    recall_dim: int = 1536
+    recall: str = "causal"
+    mode: str = "lora"
+    lora_rank: int = 8
+    warm_start: bool = True
+    stage1_steps: int = 100
+    stage2_steps: int = 200
+    stage1_segments: int = 2
+    stage2_segments: int = 4
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_step: int = 100
+    lr_gamma: float = 0.9
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    precision: str = "fp32"
+    checkpoint_every: int = 20
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: expected one of {MODES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: expected one of {PRECISIONS}")
+        for name, minimum in (("stage1_steps", 0), ("stage2_steps", 0), ("stage1_segments", 1),
+                              ("stage2_segments", 1), ("batch_size", 1), ("lr_step", 1), ("lora_rank", 1),
+                              ("checkpoint_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+        if self.stage1_steps + self.stage2_steps < 1:
+            raise ValueError("stage1_steps + stage2_steps = 0: expected at least one training step")
+        for name in ("lr", "lr_gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a number > 0")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip={self.grad_clip!r}: expected a number >= 0 (0 = no clipping)")
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [str(self.data)]
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+    def hmt_config(self) -> HMTConfig:
+        return HMTConfig.from_window(self.window, sensory_tokens=self.sensory_tokens, memory_slots=self.memory_slots,
+                                     recall_dim=self.recall_dim, recall=self.recall, kernels="auto")
+
+
+# --------------------------------------------------------------------------------------------- model set-up
+def apply_mode(model: HMTModel, mode: str, lora_rank: int = 8) -> HMTModel:
+    """Make the parameters of ``mode`` trainable: "full" all, "frozen" the HMT ones, "lora" the HMT ones and a
+    LoRA adapter (rank ``lora_rank``, alpha 2 x rank, on q/k/v/o projections; added if the backbone has none)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if mode == "lora" and not hasattr(model.backbone, "peft_config"):
+        from peft import LoraConfig, get_peft_model
+
+        source = getattr(model.backbone, "hmt_source", None)
+        targets = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "out_proj")
+                   if any(name.endswith("." + n) for name, _ in model.backbone.named_modules())]
+        if not targets:
+            raise ValueError("mode='lora': found no attention projection (q_proj/k_proj/v_proj/o_proj) to adapt")
+        lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+        model.backbone = get_peft_model(model.backbone, lora)
+        model.backbone.hmt_source = source
+    for name, param in model.backbone.named_parameters():
+        param.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
+    for param in (model.summary_prompt, model.memory_init, *model.recall.parameters()):
+        param.requires_grad_(True)
+    return model
+
+
+def build_model(config: TrainConfig) -> HMTModel:
+    """Load the backbone, wrap it in HMT (warm-started from BOS when asked) and apply the training mode."""
+    backbone, tokenizer = backbones.load_backbone(config.backbone)
+    model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
+    if config.warm_start:
+        model.warm_start()
+    return apply_mode(model, config.mode, config.lora_rank)
+
+
+class LastSegmentLoss(nn.Module):
+    """The training objective as a module (what DDP wraps): ids (B, S) -> mean CE over the last segment.
+
+    Equal to ``model(ids, labels=ids, use_recall=..., loss_on="last_segment").loss``, but computes the LM head
+    only on the last segment (the others act only through memory)."""
+
+    def __init__(self, model: HMTModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, use_recall: bool) -> torch.Tensor:
+        last_start, last_hidden = 0, None
+        for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall):
+            last_start, last_hidden = start, hidden
+        logits = self.model.lm_logits(last_hidden)
+        return shifted_cross_entropy(logits, input_ids[:, last_start:])
+
+
+@contextlib.contextmanager
+def segment_checkpointing(model: HMTModel, enabled: bool):
+    """While active, every backbone pass of a segment (summary and segment pass) keeps only its input
+    embeddings and is recomputed in the backward pass (torch.utils.checkpoint)."""
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    original = model.run_backbone
+
+    def run(embeds, start=0, past_key_values=None):
+        if past_key_values is not None or not torch.is_grad_enabled():
+            return original(embeds, start, past_key_values)
+        return checkpoint(original, embeds, start, use_reentrant=False)
+
+    model.run_backbone = run
+    try:
+        yield
+    finally:
+        del model.run_backbone
+
+
+# --------------------------------------------------------------------------------------------- distributed
+def _init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts a process group under torchrun (nccl on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable(model: HMTModel) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path, model, optimizer, scheduler, samplers, step, config: TrainConfig) -> None:
+    """Write a resumable checkpoint to ``path`` atomically (beside it, then swapped in)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp / MODEL_DIR, save_backbone=config.mode == "full")
+        state = {
+            "format": STATE_FORMAT,
+            "step": step,
+            "trainable": {k: v.detach().cpu().clone() for k, v in _trainable(model).items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "samplers": [s.state_dict() for s in samplers],
+            "train_config": json.dumps(dataclasses.asdict(config)),
+            "hmt_config": json.dumps(model.config.to_dict()),
+            "backbone": json.dumps(model.backbone_identity()),
+        }
+        torch.save(state, tmp / STATE_NAME)
+        old = None
+        if target.exists():
+            old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint_state(path) -> dict:
+    """Read ``trainer_state.pt`` of a checkpoint folder; clear errors for a missing or damaged one."""
+    folder = Path(path)
+    file = folder / STATE_NAME
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"resume: no training checkpoint at {str(folder)!r} ({STATE_NAME} is missing); expected a folder "
+            "written by a previous run, or start without resume"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many error types for a truncated or foreign file
+        raise ValueError(f"resume: checkpoint {str(file)!r} is corrupted or not a trainer state ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"resume: {str(file)!r} is not an HMT trainer state (format field missing or wrong)")
+    return state
+
+
+def _check_compatible(state: dict, model: HMTModel, config: TrainConfig, path) -> None:
+    saved_bb, ours_bb = json.loads(state["backbone"]), model.backbone_identity()
+    diff = {k: (saved_bb.get(k), ours_bb.get(k)) for k in ("source", "model_type", "width", "vocab_size")
+            if saved_bb.get(k) != ours_bb.get(k)}
+    if diff:
+        raise ValueError(f"resume: checkpoint {str(path)!r} was made for another backbone: {diff} (checkpoint, this run)")
+    saved_cfg, ours_cfg = json.loads(state["hmt_config"]), model.config.to_dict()
+    diff = {k: (saved_cfg.get(k), v) for k, v in ours_cfg.items() if k != "kernels" and saved_cfg.get(k) != v}
+    if diff:
+        raise ValueError(f"resume: checkpoint {str(path)!r} has another HMT config: {diff} (checkpoint, this run)")
+    saved_mode = json.loads(state["train_config"]).get("mode")
+    if saved_mode != config.mode:
+        raise ValueError(f"resume: checkpoint {str(path)!r} was trained with mode={saved_mode!r}, this run has "
+                         f"mode={config.mode!r}")
+    trainable = _trainable(model)
+    if set(state["trainable"]) != set(trainable):
+        missing = sorted(set(trainable) ^ set(state["trainable"]))[:5]
+        raise ValueError(f"resume: checkpoint {str(path)!r} holds other trainable tensors than this model "
+                         f"(differences include {missing})")
+    for name, value in state["trainable"].items():
+        if value.shape != trainable[name].shape:
+            raise ValueError(f"resume: checkpoint tensor {name} has shape {tuple(value.shape)}, this model needs "
+                             f"{tuple(trainable[name].shape)}")
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def _log(line: str, log_file, bar) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+    if log_file is not None:
+        log_file.write(line + "\n")
+        log_file.flush()
+
+
+def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resume: bool | str = False,
+          overwrite: bool = False, progress: bool = True, on_step=None) -> HMTModel:
+    """Train HMT as ``config`` says; returns the trained model (also saved to ``<output_dir>/final``).
+
+    model: an HMTModel to train (default: ``build_model(config)``); its trainable parameters are set by
+    ``config.mode``.  corpus: token ids (a 1-D tensor, a (B, S) tensor or a list of 1-D tensors) instead of
+    tokenising ``config.data``.  resume: True continues from ``<output_dir>/checkpoint``, a path from that
+    checkpoint folder.  overwrite: allow a fresh run to replace an existing checkpoint in ``output_dir`` (else
+    an error: a new run never silently destroys one).  on_step: called as ``on_step(step, loss)`` after each
+    optimizer step.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rank, world, device = _init_distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size}: expected a multiple of the {world} processes")
+    out_dir = Path(config.output_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    resume_dir = None
+    if resume:
+        resume_dir = ckpt_dir if resume is True else Path(resume)
+        state = load_checkpoint_state(resume_dir)  # fails before any work when missing or damaged
+    elif (ckpt_dir / STATE_NAME).exists() and not overwrite:
+        raise ValueError(
+            f"output_dir={str(out_dir)!r} already holds a checkpoint; pass resume=True (--resume) to continue it "
+            "or overwrite=True (--overwrite) to start over"
+        )
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    if model is None:
+        model = build_model(config)
+    else:
+        if not isinstance(model, HMTModel):
+            raise TypeError(f"model: expected an HMTModel, got {type(model).__name__}")
+        apply_mode(model, config.mode, config.lora_rank)
+    model.to(device)
+    model.train()
+
+    if corpus is not None:
+        docs = as_documents(corpus)
+    else:
+        if not config.data:
+            raise ValueError("data: expected at least one text file or folder (or pass corpus=token ids)")
+        docs = tokenize_files(config.data, model.tokenizer)
+    windows, samplers = [], []
+    for stage, (steps, segments) in enumerate(((config.stage1_steps, config.stage1_segments),
+                                               (config.stage2_steps, config.stage2_segments))):
+        win = Windows.build(docs, model.config.segment_tokens, segments) if steps else None
+        windows.append(win)
+        samplers.append(WindowSampler(len(win) if win else 1, config.batch_size, seed=config.seed + 1000 * stage))
+
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    step = 0
+    if resume_dir is not None:
+        _check_compatible(state, model, config, resume_dir)
+        with torch.no_grad():
+            for name, param in _trainable(model).items():
+                param.copy_(state["trainable"][name].to(param.device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for sampler, saved in zip(samplers, state["samplers"]):
+            sampler.load_state_dict(saved)
+        _set_rng_state(state["rng"])
+        step = int(state["step"])
+        del state
+
+    objective = LastSegmentLoss(model)
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+    log_file = bar = None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(out_dir / "train.log", "a")
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.total_steps, initial=step, unit="step", desc="hmt train", dynamic_ncols=True)
+        n_train = sum(p.numel() for p in params)
+        _log(f"# {'resumed at step ' + str(step) if step else 'start'}: {model.config.describe()}; mode "
+             f"{config.mode}, {n_train} trainable parameters, {world} process(es), {sum(d.numel() for d in docs)} "
+             f"tokens in {len(docs)} document(s)", log_file, bar)
+    try:
+        while step < config.total_steps:
+            stage = 0 if step < config.stage1_steps else 1
+            use_recall = stage == 1
+            indices = samplers[stage].next_batch()[rank::world]
+            ids = windows[stage].batch(indices).to(device)
+            started = time.perf_counter()
+            with segment_checkpointing(model, config.grad_checkpointing), autocast:
+                loss = objective(ids, use_recall)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            value = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            value = float(value)
+            elapsed = time.perf_counter() - started
+            if rank == 0:
+                tokens = config.batch_size * ids.shape[1]
+                _log(f"step {step}/{config.total_steps} stage {stage + 1} loss {value:.4f} "
+                     f"ppl {math.exp(min(value, 50)):.2f} tok/s {tokens / elapsed:.0f} lr {lr:.3g}", log_file, bar)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{value:.3f}")
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                if rank == 0:
+                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, samplers, step, config)
+                _barrier()
+            if on_step is not None:
+                on_step(step, value)
+        if rank == 0:
+            model.save_pretrained(out_dir / FINAL_DIR, save_backbone=config.mode == "full")
+        _barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file is not None:
+            log_file.close()
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------------- command line
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("data", nargs="+", help="text files or folders (*.txt, *.md, *.text, searched recursively)")
+    parser.add_argument("--output-dir", default=d.output_dir, help="checkpoints, log and final model (default %(default)s)")
+    parser.add_argument("--backbone", default=d.backbone, help="load_backbone name or local folder (default %(default)s)")
+    parser.add_argument("--window", type=int, default=d.window, help="backbone window W = Ls + k + 2 (default %(default)s)")
+    parser.add_argument("--sensory-tokens", type=int, default=d.sensory_tokens)
+    parser.add_argument("--memory-slots", type=int, default=d.memory_slots)
+    parser.add_argument("--recall-dim", type=int, default=d.recall_dim)
+    parser.add_argument("--recall", choices=("paper", "causal"), default=d.recall)
+    parser.add_argument("--mode", choices=MODES, default=d.mode, help="what trains (default %(default)s)")
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                        help="keep random T and M_init instead of the BOS embedding")
+    parser.add_argument("--stage1-steps", type=int, default=d.stage1_steps)
+    parser.add_argument("--stage2-steps", type=int, default=d.stage2_steps)
+    parser.add_argument("--stage1-segments", type=int, default=d.stage1_segments)
+    parser.add_argument("--stage2-segments", type=int, default=d.stage2_segments)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--lr-step", type=int, default=d.lr_step)
+    parser.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
+    parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    train(config, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained model: {Path(config.output_dir) / FINAL_DIR}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``hmt train`` on an argparse subparsers object."""
+    parser = subparsers.add_parser("train", help="train HMT on text files (two-stage BPTT)",
+                                   description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    parser.set_defaults(func=run_from_args)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hmt_runtime.train", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

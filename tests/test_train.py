@@ -1,0 +1,325 @@
+"""The trainer on tiny random backbones: objective, exact resume, DDP equivalence, bad input, and a task that
+needs memory."""
+import os
+import random
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hmt_runtime import HMTConfig, HMTModel
+from hmt_runtime.data import Windows, WindowSampler, as_documents, read_text, text_files, tokenize_files
+from hmt_runtime.train import (
+    LastSegmentLoss, TrainConfig, load_checkpoint_state, save_checkpoint, segment_checkpointing, train,
+)
+from tiny import VOCAB, tiny_backbone
+
+SEGMENT, SENSORY = 8, 2  # W = 12
+
+
+def tiny_model(family="llama", seed=0, dtype=torch.float64, segment=SEGMENT, sensory=SENSORY):
+    cfg = HMTConfig(segment_tokens=segment, sensory_tokens=sensory, summary_tokens=4, memory_slots=4,
+                    recall_dim=16, recall="causal", kernels="torch")
+    torch.manual_seed(seed)
+    model = HMTModel(tiny_backbone(family, seed, dtype=dtype), cfg)
+    return model.to(dtype)
+
+
+def tiny_config(tmp, **kw):
+    base = dict(output_dir=str(tmp), window=SEGMENT + SENSORY + 2, sensory_tokens=SENSORY, memory_slots=4,
+                recall_dim=16, stage1_steps=2, stage2_steps=3, stage2_segments=3, batch_size=2, lr=1e-2,
+                lr_step=2, lr_gamma=0.5, checkpoint_every=2, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def corpus(seed=0, docs=3, length=70):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (docs, length), generator=gen)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class CharTokenizer:
+    """Stand-in for a tokenizer: one id per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": [ord(c) % VOCAB for c in text]})()
+
+
+# ------------------------------------------------------------------------------------------------ objective
+def test_last_segment_loss_equals_model_loss_and_checkpointing_keeps_gradients():
+    model = tiny_model()
+    ids = corpus(1, docs=2, length=3 * SEGMENT)
+    expected = model(ids, labels=ids, use_recall=True, loss_on="last_segment").loss
+    objective = LastSegmentLoss(model)
+    loss = objective(ids, True)
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
+    loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with segment_checkpointing(model, True):
+        objective(ids, True).backward()
+    assert "run_backbone" not in vars(model)  # the override is removed again
+    again = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(again) == set(plain) and "recall.w_q.weight" in plain
+    for name in plain:
+        assert torch.allclose(again[name], plain[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_modes_choose_trainable_parameters(tmp_path):
+    for mode, expect_backbone, expect_lora in (("frozen", False, False), ("full", True, False), ("lora", False, True)):
+        model = train(tiny_config(tmp_path / mode, mode=mode, stage1_steps=1, stage2_steps=0),
+                      model=tiny_model(), corpus=corpus(), progress=False)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert "summary_prompt" in names and "recall.w_k.weight" in names
+        assert any(n.startswith("backbone.") and "lora_" not in n for n in names) == expect_backbone, mode
+        assert any("lora_" in n for n in names) == expect_lora, mode
+        assert (tmp_path / mode / "final" / "hmt.safetensors").is_file()
+        assert ((tmp_path / mode / "final" / "adapter").is_dir()) == expect_lora
+
+
+def test_training_lowers_the_loss_and_logs(tmp_path):
+    losses = []
+    data = torch.arange(40).repeat(4)[None] % VOCAB  # a periodic text: easy to learn
+    train(tiny_config(tmp_path, mode="full", stage1_steps=0, stage2_steps=40, lr=5e-3, lr_step=100,
+                      checkpoint_every=100),
+          model=tiny_model(), corpus=data, progress=False, on_step=lambda step, loss: losses.append(loss))
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert log[0].startswith("# start") and len(log) == 41
+    assert all(f in log[-1] for f in ("step 40/40", "loss", "ppl", "tok/s", "lr"))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, mode):
+    data = corpus()
+    whole = train(tiny_config(tmp_path / "whole", mode=mode), model=tiny_model(), corpus=data, progress=False)
+
+    def crash(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt  # after the checkpoint of step 2 and one more step
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "cut", mode=mode), model=tiny_model(), corpus=data, progress=False, on_step=crash)
+    assert load_checkpoint_state(tmp_path / "cut" / "checkpoint")["step"] == 2
+    torch.manual_seed(999)  # the resumed run must restore every RNG itself
+    resumed = train(tiny_config(tmp_path / "cut", mode=mode), model=tiny_model(), corpus=data, progress=False,
+                    resume=True)
+    a, b = trainable(whole), trainable(resumed)
+    assert set(a) == set(b) and len(a) >= 4
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert load_checkpoint_state(tmp_path / "cut" / "checkpoint")["step"] == 5
+    assert not torch.equal(a["summary_prompt"], trainable(tiny_model())["summary_prompt"])  # it did train
+
+
+def test_resume_errors_and_checkpoints_are_never_damaged(tmp_path, monkeypatch):
+    data = corpus()
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        train(tiny_config(tmp_path / "none"), model=tiny_model(), corpus=data, resume=True, progress=False)
+    train(tiny_config(tmp_path / "run", stage1_steps=1, stage2_steps=1), model=tiny_model(), corpus=data,
+          progress=False)
+    ckpt = tmp_path / "run" / "checkpoint"
+    before = (ckpt / "trainer_state.pt").read_bytes()
+    # a fresh run into the same folder refuses instead of replacing the checkpoint
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train(tiny_config(tmp_path / "run"), model=tiny_model(), corpus=data, progress=False)
+    # a checkpoint of another backbone family
+    with pytest.raises(ValueError, match="another backbone"):
+        train(tiny_config(tmp_path / "run", stage2_steps=2), model=tiny_model("qwen2"), corpus=data, resume=True,
+              progress=False)
+    # a save that fails half-way leaves the old checkpoint as it was
+    model = tiny_model()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr("hmt_runtime.train.torch.save", broken_save)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(ckpt, model, opt, torch.optim.lr_scheduler.StepLR(opt, 1), [], 7, tiny_config(tmp_path))
+    monkeypatch.undo()
+    assert (ckpt / "trainer_state.pt").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint", "final", "train.log"]
+    # a damaged checkpoint
+    (ckpt / "trainer_state.pt").write_bytes(before[: len(before) // 2])
+    with pytest.raises(ValueError, match="corrupted"):
+        train(tiny_config(tmp_path / "run"), model=tiny_model(), corpus=data, resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_bad_text_and_short_corpus_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="empty.txt.*empty"):
+        read_text(empty)
+    with pytest.raises(ValueError, match="latin.txt.*not UTF-8"):
+        read_text(latin)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        text_files([tmp_path / "nope"])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="no text file"):
+        text_files(tmp_path / "folder")
+    short = tmp_path / "folder" / "short.txt"
+    short.write_text("A short text.")
+    model = tiny_model()
+    model.tokenizer = CharTokenizer()
+    with pytest.raises(ValueError, match="shorter than one training window"):
+        train(tiny_config(tmp_path / "out", data=[str(tmp_path / "folder")]), model=model, progress=False)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        train(tiny_config(tmp_path / "out", data=[str(latin)]), model=model, progress=False)
+    assert not (tmp_path / "out" / "checkpoint").exists()
+    docs = tokenize_files(tmp_path / "folder", CharTokenizer())
+    assert len(docs) == 1 and docs[0].tolist() == [ord(c) % VOCAB for c in "A short text."]
+
+
+def test_windows_cover_each_segment_once_as_last_and_sampler_resumes():
+    docs = as_documents([torch.arange(50), torch.arange(100, 120)])
+    win = Windows.build(docs, segment_tokens=8, segments=3)
+    # doc 0: windows of 24 tokens start at 0, 8, 16, 24; doc 1 (20 tokens) is too short for one
+    assert win.starts.tolist() == [[0, 0], [0, 8], [0, 16], [0, 24]]
+    assert win.batch([3]).tolist() == [list(range(24, 48))]
+    sampler = WindowSampler(len(win), batch_size=3, seed=1)
+    first = [sampler.next_batch() for _ in range(2)]
+    saved = sampler.state_dict()
+    rest = [sampler.next_batch() for _ in range(3)]
+    other = WindowSampler(len(win), batch_size=3, seed=1)
+    other.load_state_dict(saved)
+    assert [other.next_batch() for _ in range(3)] == rest
+    assert sorted(first[0] + first[1][:1]) == [0, 1, 2, 3]  # an epoch is a permutation
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank, out_dir, init_file):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        train(tiny_config(out_dir, mode="full", stage1_steps=1, stage2_steps=1), model=tiny_model(),
+              corpus=corpus(), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_two_process_run_equals_single_process(tmp_path):
+    single = train(tiny_config(tmp_path / "single", mode="full", stage1_steps=1, stage2_steps=1),
+                   model=tiny_model(), corpus=corpus(), progress=False)
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "ddp"), str(tmp_path / "init")), nprocs=2, join=True)
+    ddp = load_checkpoint_state(tmp_path / "ddp" / "checkpoint")
+    assert ddp["step"] == 2
+    expected = trainable(single)
+    assert set(ddp["trainable"]) == set(expected)
+    initial = trainable(tiny_model())
+    for name, value in expected.items():
+        assert torch.allclose(ddp["trainable"][name], value, rtol=1e-9, atol=1e-12), name
+    assert not torch.equal(expected["memory_init"], initial["memory_init"])
+
+
+# ------------------------------------------------------------------------------------------------ memory task
+KEYS = 8  # chance = 1/8
+FILL, QUERY = 3, 4
+
+
+def copy_task(n, seed):
+    """3 segments of 8 tokens: the key sits in segment 0; the last token of segment 2 must repeat it.
+
+    With 2 sensory tokens, segment 2 sees nothing of segment 0 except through memory."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randint(10, 10 + KEYS, (n,), generator=gen)
+    ids = torch.full((n, 3 * SEGMENT), FILL)
+    ids[:, 1] = keys
+    ids[:, -2] = QUERY
+    ids[:, -1] = keys
+    return ids
+
+
+def accuracy(logits, ids):
+    return float((logits[:, -2].argmax(-1) == ids[:, -1]).double().mean())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest, and undisturbed by other processes, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_memory_solves_a_task_two_segments_back_where_plain_windows_cannot(tmp_path, one_thread):
+    test = copy_task(256, seed=1)
+    model = train(tiny_config(tmp_path, mode="full", stage1_steps=0, stage2_steps=500, stage2_segments=3,
+                              batch_size=16, lr=2e-3, lr_step=100, lr_gamma=0.7, checkpoint_every=1000),
+                  model=tiny_model(dtype=torch.float32), corpus=copy_task(4000, seed=0), progress=False)
+    with torch.no_grad():
+        hmt_acc = accuracy(model(test).logits, test)
+    # no memory: the backbone alone on the last W tokens (segment 2 and the tail of segment 1, never the key)
+    torch.manual_seed(0)
+    backbone = tiny_backbone("llama", 0, dtype=torch.float32).train()
+    opt = torch.optim.AdamW(backbone.parameters(), lr=2e-3)
+    train_ids = copy_task(4000, seed=0)[:, -(SEGMENT + SENSORY + 2):]
+    for step in range(500):
+        batch = train_ids[torch.randint(0, len(train_ids), (16,))]
+        loss = backbone(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        window_acc = accuracy(backbone(input_ids=test[:, -(SEGMENT + SENSORY + 2):]).logits, test)
+    assert hmt_acc > 0.9, hmt_acc
+    assert window_acc < 0.35, window_acc
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def save_tiny_backbone_with_tokenizer(folder):
+    """A tiny llama and a character-level tokenizer (97 ids) saved as a transformers model folder."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, " ": 3, "\n": 4}
+    for code in range(33, 33 + VOCAB - len(vocab)):
+        vocab[chr(code)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    tiny_backbone("llama", 0, dtype=torch.float32).save_pretrained(folder)
+
+
+def test_hmt_train_and_eval_commands(tmp_path, capsys):
+    import json
+
+    from hmt_runtime.cli import main
+
+    save_tiny_backbone_with_tokenizer(tmp_path / "bb")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = random.Random(0)
+    for name in ("a.txt", "b.txt"):
+        words = [rng.choice(["the", "cat", "sat", "on", "a", "mat.", "It", "was", "warm."]) for _ in range(60)]
+        (texts / name).write_text(" ".join(words))
+    out = tmp_path / "run"
+    common = ["--backbone", str(tmp_path / "bb"), "--output-dir", str(out), "--window", "12", "--sensory-tokens", "2",
+              "--memory-slots", "4", "--recall-dim", "16", "--stage1-steps", "1", "--stage2-steps", "2",
+              "--stage2-segments", "3", "--mode", "lora", "--checkpoint-every", "1", "--no-progress"]
+    assert main(["train", str(texts), *common]) == 0
+    assert (out / "final" / "adapter").is_dir()
+    assert load_checkpoint_state(out / "checkpoint")["step"] == 3
+    # extending a finished run: resume continues at step 3 and only adds the new steps
+    more = [a if a != "2" or common[i - 1] != "--stage2-steps" else "4" for i, a in enumerate(common)]
+    assert main(["train", str(texts), *more, "--resume"]) == 0
+    log = (out / "train.log").read_text()
+    assert "resumed at step 3" in log and "step 5/5" in log and log.count("step 4/5") == 1
+    capsys.readouterr()
+    result_file = tmp_path / "eval.json"
+    assert main(["eval", str(texts / "a.txt"), "--model", str(out / "final"), "--max-tokens", "100",
+                 "--methods", "hmt", "windows", "adapted-windows", "--json", str(result_file), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(result_file.read_text())
+    assert result["tokens"] == 99 and set(result["methods"]) == {"hmt", "windows", "adapted-windows"}
+    assert "| HMT, window 12" in table and "| backbone, non-overlapping windows of 12 |" in table
+    assert main(["eval", str(tmp_path / "missing.txt"), "--model", str(out / "final")]) == 2
