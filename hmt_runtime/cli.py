@@ -52,7 +52,7 @@ def load_model(args):
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
-    from .segment import generate_ids, ingest, new_state
+    from .segment import generate_ids, ingest
 
     if (args.prompt is None) == (args.prompt_file is None):
         print("hmt generate: give exactly one of --prompt TEXT or --prompt-file FILE", file=sys.stderr)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .atomic import staged_file
 
 _TENSORS = (
     "memory", "keys", "written", "sensory_ids", "sensory_len", "segment_ids", "segment_len",
@@ -108,15 +109,8 @@ class MemoryState:
         meta = {"format": "hmt-memory-state", "version": "1"}
         if config is not None:
             meta["hmt_config"] = json.dumps(config.to_dict())
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
+        with staged_file(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, device=None) -> "MemoryState":

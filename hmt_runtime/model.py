@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from . import backbones
+from .atomic import staged_dir
 from .config import HMTConfig
 from .ops import TORCH_OPS, Ops, resolve_ops
 
@@ -327,16 +325,15 @@ class HMTModel(nn.Module):
         backbone identity), the LoRA adapter if the backbone is a peft model, and with ``save_backbone`` the
         whole backbone and tokenizer.  The directory is written beside the target and swapped in, so a failed
         save never damages an existing checkpoint."""
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
+        with staged_dir(save_directory) as tmp:
             tensors = {k: v.contiguous().cpu() for k, v in self.hmt_state_dict().items()}
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
-            meta = {"format": FORMAT, "version": 1, "hmt": self.config.to_dict(), "backbone": self.backbone_identity(),
+            identity = self.backbone_identity()
+            meta = {"format": FORMAT, "version": 1, "hmt": self.config.to_dict(), "backbone": identity,
                     "dtype": str(self.dtype).replace("torch.", "")}
             if hasattr(self.backbone, "peft_config"):
                 self.backbone.save_pretrained(tmp / ADAPTER_DIR)
+                _record_adapter_base(tmp / ADAPTER_DIR, identity.get("source"))
                 meta["adapter"] = ADAPTER_DIR
             if save_backbone:
                 backbones.unwrap(self.backbone).save_pretrained(tmp / BACKBONE_DIR)
@@ -344,16 +341,6 @@ class HMTModel(nn.Module):
                     self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
                 meta["backbone_dir"] = BACKBONE_DIR
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-            old = None
-            if target.exists():
-                old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
     def read_checkpoint_config(directory) -> dict:
@@ -428,6 +415,16 @@ class HMTModel(nn.Module):
         model.load_hmt_weights(directory)
         model.eval()
         return model
+
+
+def _record_adapter_base(adapter_dir: Path, source: str | None) -> None:
+    """peft records the base model's local folder; record the backbone's portable identity instead."""
+    path = adapter_dir / "adapter_config.json"
+    if source is None or not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    data["base_model_name_or_path"] = source
+    path.write_text(json.dumps(data, indent=2))
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, first: int = 0) -> torch.Tensor:

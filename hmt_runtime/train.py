@@ -23,9 +23,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from torch import nn
 from . import backbones
 from .config import HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
+from .atomic import staged_dir
 from .model import HMTModel, shifted_cross_entropy
 
 MODES = ("full", "frozen", "lora")
@@ -236,10 +235,7 @@ def _trainable(model: HMTModel) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path, model, optimizer, scheduler, samplers, step, config: TrainConfig) -> None:
     """Write a resumable checkpoint to ``path`` atomically (beside it, then swapped in)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with staged_dir(path) as tmp:
         model.save_pretrained(tmp / MODEL_DIR, save_backbone=config.mode == "full")
         state = {
             "format": STATE_FORMAT,
@@ -254,16 +250,6 @@ def save_checkpoint(path, model, optimizer, scheduler, samplers, step, config: T
             "backbone": json.dumps(model.backbone_identity()),
         }
         torch.save(state, tmp / STATE_NAME)
-        old = None
-        if target.exists():
-            old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint_state(path) -> dict:

@@ -110,3 +110,20 @@ def test_lora_adapter_round_trip(tmp_path):
     loaded = HMTModel.from_pretrained(tmp_path / "lora", backbone=tiny_backbone("llama", seed=0))
     ids = torch.randint(0, VOCAB, (1, 20))
     assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-10)
+
+
+def test_saved_files_follow_the_umask_and_adapter_records_portable_base(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    old = os.umask(0o022)
+    try:
+        model = make_model("llama", "causal")
+        model.backbone = get_peft_model(model.backbone, LoraConfig(r=2, target_modules=["q_proj"]))
+        model.backbone.hmt_source = "some-backbone"
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ckpt" / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o644
+    adapter = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "some-backbone"

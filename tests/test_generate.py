@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from hmt_runtime import MemoryState, generate, ingest, new_state
-from hmt_runtime.model import HMTModel
 from test_model import make_model
 from tiny import VOCAB
 

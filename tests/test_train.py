@@ -1,6 +1,5 @@
 """The trainer on tiny random backbones: objective, exact resume, DDP equivalence, bad input, and a task that
 needs memory."""
-import os
 import random
 
 import pytest
