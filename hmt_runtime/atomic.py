@@ -15,6 +15,17 @@ def _umask() -> int:
     return mask
 
 
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp, mkstemp and some writers (safetensors) make owner-only files; give the tree the usual modes."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def staged_dir(target):
     """Yield an empty folder beside ``target``; on success it replaces ``target`` (a file tree), else it is
@@ -22,9 +33,9 @@ def staged_dir(target):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only folder
     try:
         yield tmp
+        _normal_permissions(tmp)
         old = None
         if target.exists():
             old = target.with_name(target.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
