@@ -137,6 +137,7 @@ def make_attention_function(
             and not dropout
             and all(kwargs.get(name) is None for name in _SCORE_MODIFIERS)
             and not recording
+            and query.dtype == key.dtype == value.dtype  # under autocast RoPE can leave keys in fp32
             and (supports is None or supports(query))
         )
         if segment_layer is not None:

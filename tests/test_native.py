@@ -301,3 +301,20 @@ def test_hmt_model_native_equals_torch():
     assert {"hmt::attention_with_kvcache", "hmt::recall", "hmt::memory_write"} <= names
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(generated, expected_ids)
+
+
+@needs_native
+def test_hmt_model_under_bf16_autocast_matches_torch_path():
+    """Under autocast RoPE leaves keys in fp32 and values in bf16: the attention must not mix them."""
+    from hmt_runtime import HMTConfig, HMTModel
+    from tiny import tiny_backbone
+
+    def logits(kernels):
+        torch.manual_seed(0)
+        cfg = HMTConfig(segment_tokens=9, sensory_tokens=3, summary_tokens=4, memory_slots=3, recall_dim=16,
+                        kernels=kernels)
+        model = HMTModel(tiny_backbone("llama", dtype=torch.float32), cfg).eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(torch.arange(30)[None] % 97).logits.float()
+
+    assert (logits("native") - logits("torch")).abs().max() < 0.05
