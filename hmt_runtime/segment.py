@@ -137,9 +137,44 @@ class _Row:
 
 
 def ingest(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None = None, progress: bool = False):
-    """Read ``input_ids`` (B, S) into ``state`` (a new one if None).  Returns ``(state, logits)`` with the
-    logits (B, V) after each row's last token.  Memory use is flat in S: only the W-position KV cache and the
-    fixed-size state are kept."""
+    """Read ``input_ids`` (B, S) into ``state`` (a new one if None; updated in place).  Returns ``(state, logits)``
+    with the logits (B, V) after each row's last token.
+
+    Runs on the scheduler (hmt_runtime.scheduler): memory use is flat in S, since only the W-position KV cache
+    and the fixed-size state are kept, so a document of a million tokens needs what ten thousand do.  The
+    state's live KV caches are dropped (``state.kv`` is None per row; they are rebuilt when generation resumes).
+    """
+    from .scheduler import Scheduler
+
+    input_ids = check_input_ids(input_ids, model.vocab_size)
+    if state is None:
+        state = new_state(model, input_ids.shape[0])
+    elif state.batch_size != input_ids.shape[0]:
+        raise ValueError(f"state: holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]} rows")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=input_ids.numel(), unit="tok", desc="ingest", leave=False)
+    scheduler = Scheduler(model, rows=1, cuda_graphs=False)
+    logits = []
+    try:
+        for b in range(input_ids.shape[0]):
+            row = scheduler.add(input_ids[b].to(model.device), state=state.row(b), on_progress=bar.update if bar else None)
+            with torch.no_grad():
+                for name, tensor in scheduler.export(row).tensors().items():
+                    getattr(state, name)[b].copy_(tensor[0])
+            logits.append(scheduler.logits[row : row + 1].clone())
+            scheduler.release(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    state.kv = [None] * state.batch_size
+    return state, torch.cat(logits)
+
+
+def _ingest_rows(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None = None, progress: bool = False):
+    """``ingest`` on the reference path (``_Row``, a DynamicCache per row): keeps each row's live KV cache."""
     input_ids = check_input_ids(input_ids, model.vocab_size)
     if state is None:
         state = new_state(model, input_ids.shape[0])
@@ -194,15 +229,16 @@ def _eos_set(eos_token_id) -> set[int]:
 
 def generate_ids(model: HMTModel, input_ids, max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None,
                  top_p=None, eos_token_id=None, streamer=None, state=None, return_state=False, progress=False):
-    """See HMTModel.generate.  Rows are generated one after another; each keeps its own segment boundaries.
-    Rows that stop early (EOS) are padded with the first EOS id."""
+    """See HMTModel.generate.  The reference incremental path (``_Row``): rows are generated one after another,
+    each with its own segment boundaries and a DynamicCache.  Rows that stop early (EOS) are padded with the
+    first EOS id.  ``hmt_runtime.generate`` runs the same rules on the scheduler (batched, static buffers)."""
     check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     input_ids = check_input_ids(input_ids, model.vocab_size)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"streamer: supported for batch size 1, got {input_ids.shape[0]} rows")
     eos = _eos_set(eos_token_id)
     warpers = _warpers(do_sample, temperature, top_k, top_p)
-    state, logits = ingest(model, input_ids, state=state, progress=progress)
+    state, logits = _ingest_rows(model, input_ids, state=state, progress=progress)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     outputs = []
