@@ -50,9 +50,8 @@ def load_model(args):
 
 
 def cmd_generate(args) -> int:
-    from transformers import TextStreamer
-
-    from .segment import generate_ids, ingest
+    from .api import generate
+    from .segment import ingest
 
     if (args.prompt is None) == (args.prompt_file is None):
         print("hmt generate: give exactly one of --prompt TEXT or --prompt-file FILE", file=sys.stderr)
@@ -96,15 +95,21 @@ def cmd_generate(args) -> int:
     tail = tokenizer.decode(body[0, -200:]) if n_ingested else ""
     if tail:
         print(f"...{tail}", end="", flush=True)
-    streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
     prompt = last if last is not None else ids
     t1 = time.perf_counter()
-    out = generate_ids(model, prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       eos_token_id=tokenizer.eos_token_id, streamer=streamer, state=state)
+    # the scheduler's decode path; a 1-D id prompt streams lists of new ids
+    chunks = generate(model, prompt[0], max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      eos_token_id=tokenizer.eos_token_id, state=state, stream=True)
+    new, shown = [], ""
+    for chunk in chunks:
+        new.extend(chunk)
+        if args.stream:
+            text_so_far = tokenizer.decode(new, skip_special_tokens=True)
+            print(text_so_far[len(shown):], end="", flush=True)
+            shown = text_so_far
     gen_s = time.perf_counter() - t1
-    new = out[0, prompt.shape[1]:]
-    if streamer is None:
+    if not args.stream:
         print(tokenizer.decode(new, skip_special_tokens=True))
     else:
         print()

@@ -293,7 +293,7 @@ class HMTModel(nn.Module):
         """Continue ``input_ids`` (B, S); returns (B, S + new) ids like transformers' generate.
 
         Unbounded: memory is written at every segment boundary and the KV cache never exceeds W positions.
-        ``state`` (a MemoryState from ``hmt_runtime.generate.ingest``) continues after an ingested document
+        ``state`` (a MemoryState from ``hmt_runtime.ingest``) continues after an ingested document
         (``input_ids`` then holds only the new tokens); ``return_state=True`` returns ``(ids, state)``.
         """
         from .segment import generate_ids
