@@ -136,16 +136,8 @@ class _Row:
         return logits
 
 
-def ingest(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None = None, progress: bool = False):
-    """Read ``input_ids`` (B, S) into ``state`` (a new one if None; updated in place).  Returns ``(state, logits)``
-    with the logits (B, V) after each row's last token.
-
-    Runs on the scheduler (hmt_runtime.scheduler): memory use is flat in S, since only the W-position KV cache
-    and the fixed-size state are kept, so a document of a million tokens needs what ten thousand do.  The
-    state's live KV caches are dropped (``state.kv`` is None per row; they are rebuilt when generation resumes).
-    """
-    from .scheduler import Scheduler
-
+def _prepare_ingest(model: HMTModel, input_ids, state: MemoryState | None, progress: bool):
+    """Checked ids, the state to fill (a new one if None) and a progress bar (or None)."""
     input_ids = check_input_ids(input_ids, model.vocab_size)
     if state is None:
         state = new_state(model, input_ids.shape[0])
@@ -156,6 +148,20 @@ def ingest(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None =
         from tqdm.auto import tqdm
 
         bar = tqdm(total=input_ids.numel(), unit="tok", desc="ingest", leave=False)
+    return input_ids, state, bar
+
+
+def ingest(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None = None, progress: bool = False):
+    """Read ``input_ids`` (B, S) into ``state`` (a new one if None; updated in place).  Returns ``(state, logits)``
+    with the logits (B, V) after each row's last token.
+
+    Runs on the scheduler (hmt_runtime.scheduler): memory use is flat in S, since only the W-position KV cache
+    and the fixed-size state are kept, so a document of a million tokens needs what ten thousand do.  The
+    state's live KV caches are dropped (``state.kv`` is None per row; they are rebuilt when generation resumes).
+    """
+    from .scheduler import Scheduler
+
+    input_ids, state, bar = _prepare_ingest(model, input_ids, state, progress)
     scheduler = Scheduler(model, rows=1, cuda_graphs=False)
     logits = []
     try:
@@ -175,16 +181,7 @@ def ingest(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None =
 
 def _ingest_rows(model: HMTModel, input_ids: torch.Tensor, state: MemoryState | None = None, progress: bool = False):
     """``ingest`` on the reference path (``_Row``, a DynamicCache per row): keeps each row's live KV cache."""
-    input_ids = check_input_ids(input_ids, model.vocab_size)
-    if state is None:
-        state = new_state(model, input_ids.shape[0])
-    elif state.batch_size != input_ids.shape[0]:
-        raise ValueError(f"state: holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]} rows")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=input_ids.numel(), unit="tok", desc="ingest", leave=False)
+    input_ids, state, bar = _prepare_ingest(model, input_ids, state, progress)
     rows = []
     with torch.no_grad():
         for b in range(input_ids.shape[0]):
