@@ -1,14 +1,17 @@
 """HMT generation on the scheduler against transformers' own generate, on the same backbone (pytest-benchmark).
 
-    python -m pytest benchmarks/bench_generate.py -s --benchmark-json=benchmarks/generation.json
-    python benchmarks/report.py benchmarks/generation.json      # table (markdown) + PNG plots
+    python -m pytest benchmarks/bench_generate.py -p no:cacheprovider -q --benchmark-json=generation.json
+    python benchmarks/report.py generation.json --plots benchmarks     # tables (markdown) + PNG plots
+
+About 12 minutes on the 2-core CPU (the 128k-token memory point alone takes 5); ``HMT_BENCH_TINY=1`` runs
+everything on a tiny random Llama in about a minute (see conftest.py for the other settings).
 
 Both sides run the default backbone (SmolLM2-135M, fp32, sdpa, 2 threads).  transformers: ``generate`` with its
 DynamicCache over the full context.  HMT: ``hmt_runtime.generate`` with window W = 256 (causal recall, untrained
 HMT parameters: speed does not depend on their values).  Measured in one run, side by side:
 
-* ingest / decode: one streamed call per (side, context).  Prompt ingestion tok/s = prompt tokens / time to the
-  first new token; decode tok/s = tokens per second between the first and the last new token (HMT decodes 256
+* ingest / decode: one streamed call per (side, context), prompts of context - 48 tokens of English text.
+  Prompt ingestion tok/s = prompt tokens / time to the first new token; decode tok/s = tokens per second between the first and the last new token (HMT decodes 256
   tokens, so at least one segment boundary with its summary pass, memory write and prefill is inside the figure;
   transformers decodes 48, keeping prompt + new tokens within its 8192 positions).
 * peak memory: a fresh subprocess per (side, context) loads the model, resets the kernel's peak-RSS counter

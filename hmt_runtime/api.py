@@ -69,7 +69,7 @@ def _encode(model, prompts):
                     f"got {type(prompts).__name__}")
 
 
-def _check_state(state, n_prompts: int) -> None:
+def _check_state(model, state, n_prompts: int) -> None:
     if state is None:
         return
     if not isinstance(state, MemoryState):
@@ -78,6 +78,11 @@ def _check_state(state, n_prompts: int) -> None:
     if state.batch_size not in (1, n_prompts):
         raise ValueError(f"state: holds {state.batch_size} sequences; expected 1 (shared by every prompt) "
                          f"or {n_prompts} (one per prompt)")
+    expected = MemoryState.empty(model.config, 1, model.width, device="meta").tensors()
+    for name, tensor in state.tensors().items():
+        if tensor.shape[1:] != expected[name].shape[1:]:
+            raise ValueError(f"state.{name}: shape {tuple(tensor.shape)} was made for another HMT config; this "
+                             f"model needs (B, {', '.join(map(str, expected[name].shape[1:]))})")
 
 
 class _TextPieces:
@@ -123,8 +128,12 @@ def generate(model, prompts, max_new_tokens: int = 32, do_sample: bool = False, 
     check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r}: expected None or an integer >= 1")
+    if engine not in ("auto", "lean", "transformers"):
+        raise ValueError(f"engine={engine!r}: expected 'auto', 'lean' or 'transformers'")
+    if cuda_graphs not in ("auto", True, False):
+        raise ValueError(f"cuda_graphs={cuda_graphs!r}: expected 'auto', True or False")
     items, kind = _encode(model, prompts)
-    _check_state(state, len(items))
+    _check_state(model, state, len(items))
     tokenizer = model.tokenizer
     if kind in ("text", "texts"):
         if tokenizer is None:

@@ -254,6 +254,7 @@ def test_ingestion_peak_memory_is_flat_in_length():
     ([[1, 2]], dict(max_new_tokens=-1), ValueError, "max_new_tokens=-1"),
     ([[1, 2]], dict(eos_token_id=VOCAB + 5), ValueError, "eos_token_id"),
     ([[1, 2]], dict(batch_size=0), ValueError, "batch_size=0"),
+    ([[1, 2]], dict(engine="fast"), ValueError, "engine='fast'"),
     ("text", {}, ValueError, "needs a model with a tokenizer"),
     ([[1.5, 2]], {}, TypeError, r"prompts\[0\]: expected integer token ids"),
     (torch.zeros(2, 3), {}, TypeError, "prompts: expected a tensor of integer"),
@@ -278,6 +279,9 @@ def test_bad_state_argument():
         generate(model, [[1], [2], [3]], max_new_tokens=2, state=two)
     with pytest.raises(TypeError, match="state: expected a MemoryState"):
         generate(model, [[1]], max_new_tokens=2, state={"memory": 0})
+    other, _ = ingest(make_model("llama", "causal", slots=5), torch.randint(0, VOCAB, (1, 5)))
+    with pytest.raises(ValueError, match=r"state.memory: shape \(1, 5, 32\) was made for another HMT config"):
+        generate(model, [[1]], max_new_tokens=2, state=other, stream=True)
 
 
 def test_a_failing_row_leaves_the_other_rows_intact(monkeypatch):
