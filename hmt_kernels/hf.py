@@ -28,9 +28,20 @@ sliding windows), bidirectional attention, training.  The fast path covers three
   ops registered with ``tail_aliasing=True``, views aliasing the cache: the op then rewrites equal values);
 * ``SegmentKVCache`` (below): ``update`` defers the append, and the op writes the new keys into the
   preallocated cache inside its own launch.
+
+The deferred append needs nothing from transformers beyond ``Cache.update`` returning what the layer's ``update``
+returns and the attention receiving it unchanged (true from transformers 5.17 on, where ``update`` is called
+without the attention kwargs, to today's versions, where it gets them): ``SegmentKVLayer.update`` returns the new
+states as they are and records them, with itself, in a per-thread slot; the attention function claims the slot
+when the key it receives *is* that recorded tensor.  The cache argument of a model's ``forward`` and
+``generate`` is ``past_key_values`` in transformers 5.17 and ``cache`` from 5.18; ``cache_argument(model)``
+names the one the installed version takes.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import threading
 from typing import Callable
 
 import torch
@@ -39,8 +50,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-# The attention kwarg through which SegmentKVLayer.update hands its deferred append to the attention function.
-PENDING_APPEND_KWARG = "segment_kv_layer"
+# SegmentKVLayer.update -> attention function: the layer whose append is deferred and the key tensor it returned.
+_pending = threading.local()
 
 # Attention kwargs that change the scores (logit softcapping, additive position bias, attention sinks): the op
 # has none of these, so calls carrying them use sdpa.
@@ -48,6 +59,38 @@ _SCORE_MODIFIERS = ("softcap", "position_bias", "s_aux", "sinks")
 
 # Names registered through register_attention: their attention functions perform a deferred append.
 _FUSED_APPEND_NAMES: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_cache(cls) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The keyword through which ``model.forward`` / ``model.generate`` take a ``Cache``: ``"cache"``
+    (transformers >= 5.18) or ``"past_key_values"`` (5.17)."""
+    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+
+
+def _defer(layer: "SegmentKVLayer", key_states: torch.Tensor) -> None:
+    stale = getattr(_pending, "layer", None)
+    if stale is not None:
+        _pending.layer = _pending.key = None
+        raise RuntimeError(
+            "SegmentKVCache: the append deferred by the previous update() was never performed (the attention "
+            f"function did not receive its key tensor); the model's attention implementation "
+            f"{stale.owner.config._attn_implementation!r} must pass the keys returned by Cache.update unchanged"
+        )
+    _pending.layer, _pending.key = layer, key_states
+
+
+def _claim(key: torch.Tensor) -> "SegmentKVLayer | None":
+    """The layer whose deferred append ``key`` is (and clear the slot), or None when ``key`` is not pending."""
+    if getattr(_pending, "key", None) is not key:
+        return None
+    layer = _pending.layer
+    _pending.layer = _pending.key = None
+    return layer
 
 
 def plain_causal_mask(
@@ -127,7 +170,7 @@ def make_attention_function(
     def attention_forward(
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
     ):
-        segment_layer = kwargs.pop(PENDING_APPEND_KWARG, None)
+        segment_layer = _claim(key)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q_len, kv_len = query.shape[2], key.shape[2]
         recording = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
@@ -218,13 +261,12 @@ class SegmentKVLayer(CacheLayerMixin):
         self.lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, kwargs=None, **unused):
+    def update(self, key_states, value_states, *args, **kwargs):
         """Take the new key_states/value_states (B, Hkv, Lq, D).
 
-        With a registered fused attention (``register_attention``) and a model that passes its attention kwargs
-        to ``Cache.update`` (as transformers' models do), the append is deferred to the attention op: this
-        returns the new states unchanged and hands this layer to the attention function.  Otherwise it appends
-        now and returns the cached keys/values (B, Hkv, length, D).
+        With a registered fused attention (``register_attention``) the append is deferred to the attention op:
+        this returns the new states unchanged and records them for the attention function (module docstring).
+        Otherwise it appends now and returns the cached keys/values (B, Hkv, length, D).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -233,10 +275,11 @@ class SegmentKVLayer(CacheLayerMixin):
             raise ValueError(
                 f"SegmentKVCache: appending {q_len} positions to {self.length} exceeds the window {self.window}"
             )
-        self.length += q_len
-        if isinstance(kwargs, dict) and self.owner.defers_append():
-            kwargs[PENDING_APPEND_KWARG] = self
+        if self.owner.defers_append():
+            _defer(self, key_states)
+            self.length += q_len
             return key_states, value_states
+        self.length += q_len
         return self.append(key_states, value_states)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -263,6 +306,8 @@ class SegmentKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+        if getattr(_pending, "layer", None) is self:  # a forward that failed between update and attention
+            _pending.layer = _pending.key = None
         if self.is_initialized:
             self.lens.zero_()
 

@@ -10,7 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import hmt_kernels
 import hmt_kernels.hf
-from hmt_kernels.hf import SegmentKVCache, register_attention
+from hmt_kernels.hf import SegmentKVCache, cache_argument, register_attention
 from hmt_runtime.ops import attention_with_kvcache_torch
 
 VOCAB = 61
@@ -90,7 +90,8 @@ def test_segment_kv_cache_defers_append_to_the_op(reference_attention):
         for m in (model, base):  # fused append (registered op), then the eager append (sdpa)
             cache = SegmentKVCache(m.config, window=24)
             calls.clear()
-            parts = [m(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 7), (7, 16), (16, 17))]
+            kw = {cache_argument(m): cache, "use_cache": True}  # `past_key_values` in transformers 5.17
+            parts = [m(ids[:, a:b], **kw).logits for a, b in ((0, 7), (7, 16), (16, 17))]
             torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
             assert cache.get_seq_length() == 17 and cache.layers[1].lens.tolist() == [17, 17]
             assert len(calls) == (6 if m is model else 0)
@@ -98,7 +99,23 @@ def test_segment_kv_cache_defers_append_to_the_op(reference_attention):
         cache.reset()
         assert cache.get_seq_length() == 0 and cache.layers[0].lens.tolist() == [0, 0]
         with pytest.raises(ValueError, match="exceeds the window 24"):
-            model(torch.randint(3, VOCAB, (2, 25)), cache=cache, use_cache=True)
+            model(torch.randint(3, VOCAB, (2, 25)), **{cache_argument(model): cache}, use_cache=True)
+
+
+def test_segment_kv_cache_reports_an_append_the_attention_never_performed(reference_attention):
+    """A deferred append whose keys never reach the registered attention is an error, not a silent gap."""
+    name, _ = reference_attention
+    config = tiny_config()
+    config._attn_implementation = name
+    cache = SegmentKVCache(config, window=8)
+    k = torch.randn(1, 2, 3, 16)
+    layer = cache.layers[0]
+    assert layer.update(k, k.clone(), 0)[0] is k  # deferred: the new states come back unchanged
+    with pytest.raises(RuntimeError, match="never performed"):
+        cache.layers[1].update(k.clone(), k.clone(), 1)
+    layer.reset()  # the slot is clear again: the next update defers normally
+    assert layer.update(k, k.clone(), 0)[0] is k
+    cache.reset()
 
 
 @pytest.mark.parametrize("kind,head_dim,heads,kv_heads", [("llama", 16, 4, 2), ("qwen2", 20, 7, 1)])
@@ -119,7 +136,8 @@ def test_hmt_triton_drop_in_for_sdpa(kind, head_dim, heads, kv_heads, monkeypatc
         expected = base.generate(ids, attention_mask=ones, max_new_tokens=6, do_sample=False)
         assert torch.equal(model.generate(ids, attention_mask=ones, max_new_tokens=6, do_sample=False), expected)
         cache = SegmentKVCache(model.config, window=32)
-        got = model.generate(ids, attention_mask=ones, max_new_tokens=6, do_sample=False, cache=cache)
+        got = model.generate(ids, attention_mask=ones, max_new_tokens=6, do_sample=False,
+                             **{cache_argument(model): cache})
         assert torch.equal(got, expected)
         assert cache.layers[0].lens.tolist() == [26, 26]  # 21 prompt + 5 fed back (the 6th token is not fed)
 
