@@ -6,8 +6,8 @@
   values to the KV cache in the same launch (prefill), with a split-K path for single-token decode.
 * ``hmt_kernels.hf``: ``register_attention`` and ``SegmentKVCache`` for transformers models.
 
-``ops()`` returns the ``hmt_runtime.ops.Ops`` backend.  Submodules import Triton lazily, so ``hmt_kernels.hf``
-works without it.
+The package stands alone: it imports nothing of ``hmt_runtime``.  Submodules import Triton lazily, so
+``hmt_kernels.hf`` works without it.
 """
 from __future__ import annotations
 
@@ -34,20 +34,4 @@ def register() -> None:
     register_attention(ATTN_IMPLEMENTATION, attention_with_kvcache, supports=_triton_supports, tail_aliasing=True)
 
 
-def ops():
-    """The Triton backend as ``hmt_runtime.ops.Ops`` (registers the attention first)."""
-    from hmt_kernels.attention import attention_with_kvcache
-    from hmt_kernels.recall import memory_write, recall
-    from hmt_runtime.ops import Ops
-
-    register()
-    return Ops(
-        name="triton",
-        recall=recall,
-        memory_write=memory_write,
-        attention_with_kvcache=attention_with_kvcache,
-        attn_implementation=ATTN_IMPLEMENTATION,
-    )
-
-
-__all__ = ["ATTN_IMPLEMENTATION", "ops", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "register"]

@@ -1,4 +1,8 @@
-"""generate(): the user-facing entry point over text or token ids, on the scheduler (hmt_runtime.scheduler).
+"""The user-facing entry points, all on the scheduler (hmt_runtime.scheduler), the one incremental path:
+
+* ``generate(model, prompts, ...)``: text or token ids in, text or ids out, batched, streamed if asked;
+* ``ingest(model, input_ids, state=None)``: read a document into a ``MemoryState`` (flat memory);
+* ``generate_ids(model, input_ids, ...)``: the transformers-style form behind ``HMTModel.generate``.
 
     text = hmt_runtime.generate(model, "Once upon a time", max_new_tokens=40)
     for piece in hmt_runtime.generate(model, "Once upon a time", max_new_tokens=40, stream=True):
@@ -11,10 +15,55 @@ import weakref
 from typing import Iterator
 
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from .backend import check_choices
 from .memory import MemoryState
 from .scheduler import Scheduler
-from .segment import _eos_set, _warpers, check_sampling
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 0")
+    if do_sample and (not isinstance(temperature, (int, float)) or temperature <= 0):
+        raise ValueError(f"temperature={temperature!r}: expected a number > 0 when sampling")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: expected None or an integer >= 1")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
+
+
+def _warpers(do_sample, temperature, top_k, top_p) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if not do_sample:
+        return warpers
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+def _eos_set(eos_token_id, vocab_size: int) -> set[int]:
+    """eos_token_id: None, an int or a list / tuple of ints, each in [0, vocab_size)."""
+    if eos_token_id is None:
+        return set()
+    items = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
+    if not isinstance(items, (list, tuple)) or not items or \
+            any(isinstance(e, bool) or not isinstance(e, int) for e in items):
+        raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, an integer token id or a non-empty list "
+                         "of integer token ids")
+    if any(e < 0 or e >= vocab_size for e in items):
+        raise ValueError(f"eos_token_id={eos_token_id!r}: expected ids in [0, {vocab_size})")
+    return set(items)
 
 DEFAULT_ROWS = 8
 
@@ -128,10 +177,7 @@ def generate(model, prompts, max_new_tokens: int = 32, do_sample: bool = False, 
     check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r}: expected None or an integer >= 1")
-    if engine not in ("auto", "lean", "transformers"):
-        raise ValueError(f"engine={engine!r}: expected 'auto', 'lean' or 'transformers'")
-    if cuda_graphs not in ("auto", True, False):
-        raise ValueError(f"cuda_graphs={cuda_graphs!r}: expected 'auto', True or False")
+    check_choices(engine, cuda_graphs)
     items, kind = _encode(model, prompts)
     _check_state(model, state, len(items))
     tokenizer = model.tokenizer
@@ -152,9 +198,7 @@ def generate(model, prompts, max_new_tokens: int = 32, do_sample: bool = False, 
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= vocab:
             raise ValueError(f"prompts[{i}]: token id {low if low < 0 else high} is outside the vocabulary [0, {vocab})")
-    eos = _eos_set(eos_token_id)
-    if any(e < 0 or e >= vocab for e in eos):
-        raise ValueError(f"eos_token_id={eos_token_id!r}: expected ids in [0, {vocab})")
+    eos = _eos_set(eos_token_id, vocab)
     rows = batch_size or min(len(items), DEFAULT_ROWS)
     run = _Run(model, items, max_new_tokens, do_sample, temperature, top_k, top_p, eos, state, progress,
                min(rows, len(items)), engine, cuda_graphs)
@@ -201,16 +245,22 @@ def _stream(run, kind, tokenizer) -> Iterator:
 
 
 class _Run:
-    """One generate() call as an iterator over steps: each step yields {prompt index: new token ids}."""
+    """One generate() call as an iterator over steps: each step yields {prompt index: new token ids}.
+
+    With ``keep_states``, ``states[i]`` receives prompt i's state when it finishes (a batch-1 MemoryState after
+    the prompt and every new token but a final EOS: a row that stops at max_new_tokens stays one more step in
+    the batch to read its last token)."""
 
     def __init__(self, model, items, max_new_tokens, do_sample, temperature, top_k, top_p, eos, state, progress,
-                 rows, engine, cuda_graphs):
+                 rows, engine, cuda_graphs, keep_states: bool = False):
         self.model, self.items, self.max_new, self.eos = model, items, max_new_tokens, eos
         self.do_sample, self.warpers = do_sample, _warpers(do_sample, temperature, top_k, top_p)
         self.state, self.progress = state, progress
         self.rows, self.engine, self.cuda_graphs = rows, engine, cuda_graphs
         self.outputs: list[list[int]] = [[] for _ in items]
         self.finished_now: set[int] = set()
+        self.keep_states = keep_states
+        self.states: list[MemoryState | None] = [None] * len(items)
 
     def _state_for(self, index: int):
         if self.state is None:
@@ -218,7 +268,7 @@ class _Run:
         return self.state if self.state.batch_size == 1 else self.state.row(index)
 
     def __iter__(self):
-        if self.max_new == 0:
+        if self.max_new == 0 and not self.keep_states:
             return
         sched = _scheduler(self.model, self.rows, self.engine, self.cuda_graphs)
         sched.busy = True
@@ -229,7 +279,8 @@ class _Run:
 
             bar = tqdm(total=sum(i.numel() for i in self.items), unit="tok", desc="ingest", leave=False)
         pending = list(range(len(self.items)))
-        owner: dict[int, int] = {}  # row -> prompt index
+        owner: dict[int, int] = {}  # row -> prompt index, rows still choosing tokens
+        closing: dict[int, int] = {}  # row -> prompt index, rows reading their last token (keep_states)
         try:
             while pending or owner:
                 for row in sched.free_rows():  # admit waiting prompts into free rows
@@ -238,7 +289,13 @@ class _Run:
                     index = pending.pop(0)
                     ids = self.items[index].to(device)
                     sched.add(ids, state=self._state_for(index), row=row, on_progress=bar.update if bar else None)
-                    owner[row] = index
+                    if self.max_new == 0:  # keep_states: the state after the prompt
+                        self.states[index] = sched.export(row)
+                        sched.release(row)
+                    else:
+                        owner[row] = index
+                if not owner:
+                    continue
                 sched.pick(self.do_sample, self.warpers)
                 chosen = sched.tokens[: max(owner) + 1].tolist()  # the one host read of a step
                 new: dict[int, list[int]] = {}
@@ -249,12 +306,96 @@ class _Run:
                     new[index] = [token]
                     if token in self.eos or len(self.outputs[index]) >= self.max_new:
                         self.finished_now.add(index)
-                        sched.release(row)
                         del owner[row]
+                        if self.keep_states and token not in self.eos:
+                            closing[row] = index
+                            continue
+                        if self.keep_states:
+                            self.states[index] = sched.export(row)
+                        sched.release(row)
                 yield new
-                if owner:
-                    sched.step()
+                if owner or closing:
+                    sched.step()  # closing rows read their last token here, then leave
+                    for row, index in closing.items():
+                        self.states[index] = sched.export(row)
+                        sched.release(row)
+                    closing.clear()
         finally:
             sched.busy = False
             if bar is not None:
                 bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------- ingest
+def new_state(model, batch_size: int = 1) -> MemoryState:
+    """An empty state (no segment read yet) for ``batch_size`` sequences of ``model``."""
+    return MemoryState.empty(model.config, batch_size, model.width, device=model.device, dtype=model.dtype)
+
+
+def ingest(model, input_ids: torch.Tensor, state: MemoryState | None = None, progress: bool = False):
+    """Read ``input_ids`` (B, S) into ``state`` (a new one if None; updated in place).  Returns ``(state, logits)``
+    with the logits (B, V) after each row's last token.
+
+    Runs on the scheduler: memory use is flat in S, since only the W-position KV cache and the fixed-size state
+    are kept, so a document of a million tokens needs what ten thousand do.
+    """
+    from .model import check_input_ids
+
+    input_ids = check_input_ids(input_ids, model.vocab_size)
+    if state is None:
+        state = new_state(model, input_ids.shape[0])
+    else:
+        _check_state(model, state, input_ids.shape[0])
+        if state.batch_size != input_ids.shape[0]:
+            raise ValueError(f"state: holds {state.batch_size} sequences but input_ids has {input_ids.shape[0]} rows")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=input_ids.numel(), unit="tok", desc="ingest", leave=False)
+    scheduler = Scheduler(model, rows=1, cuda_graphs=False)
+    logits = []
+    try:
+        for b in range(input_ids.shape[0]):
+            row = scheduler.add(input_ids[b].to(model.device), state=state.row(b),
+                                on_progress=bar.update if bar else None)
+            with torch.no_grad():
+                for name, tensor in scheduler.export(row).tensors().items():
+                    getattr(state, name)[b].copy_(tensor[0])
+            logits.append(scheduler.logits[row : row + 1].clone())
+            scheduler.release(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    state.kv = [None] * state.batch_size
+    return state, torch.cat(logits)
+
+
+# ---------------------------------------------------------------------------------------------------- HMTModel.generate
+def generate_ids(model, input_ids, max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=None, streamer=None, state=None, return_state=False, progress=False):
+    """``HMTModel.generate``: input_ids (B, S) -> (B, S + new) on the scheduler, rows that stop early padded with
+    the smallest EOS id; ``(ids, state)`` with ``return_state``.  See ``HMTModel.generate``."""
+    from .model import check_input_ids
+
+    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+    input_ids = check_input_ids(input_ids, model.vocab_size)
+    batch = input_ids.shape[0]
+    if streamer is not None and batch != 1:
+        raise ValueError(f"streamer: supported for batch size 1, got {batch} rows")
+    _check_state(model, state, batch)
+    eos = _eos_set(eos_token_id, model.vocab_size)
+    items = list(input_ids.detach().cpu())
+    run = _Run(model, items, max_new_tokens, do_sample, temperature, top_k, top_p, eos, state, progress,
+               min(batch, DEFAULT_ROWS), "auto", "auto", keep_states=return_state)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for new in run:
+        if streamer is not None and 0 in new:
+            streamer.put(torch.tensor(new[0]))
+    if streamer is not None:
+        streamer.end()
+    result = _results(model, run, "tensor", None, eos)
+    if return_state:
+        return result, MemoryState.stack(run.states)
+    return result

@@ -1,4 +1,6 @@
-"""The three HMT hot-path operations, their torch reference implementations, and backend selection.
+"""The three HMT hot-path operations: their contract, and their torch reference implementations.
+
+This module is the bottom of the package (it imports nothing of it); ``hmt_runtime.backend`` picks a backend.
 
 Every backend (torch, Triton, native C++/CUDA) implements the same three functions with the same contract:
 
@@ -26,15 +28,11 @@ Every backend (torch, Triton, native C++/CUDA) implements the same three functio
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-KERNEL_CHOICES = ("auto", "torch", "triton", "native")
-
 
 def recall_torch(summary, memory, keys, written, w_q, out=None):
     n_slots = memory.shape[1]
@@ -86,7 +84,7 @@ def attention_with_kvcache_torch(q, k_new, v_new, k_cache, v_cache, cache_lens, 
 
 @dataclass(frozen=True)
 class Ops:
-    """The backend HMTModel uses: picked once (``resolve_ops``) and passed down."""
+    """One implementation of the three ops (torch, Triton or native), picked by ``hmt_runtime.backend``."""
 
     name: str
     recall: Callable
@@ -96,43 +94,3 @@ class Ops:
 
 
 TORCH_OPS = Ops("torch", recall_torch, memory_write_torch, attention_with_kvcache_torch, None)
-
-
-def _triton_ops() -> Ops:
-    import hmt_kernels
-
-    return hmt_kernels.ops()
-
-
-def _native_ops() -> Ops:
-    from hmt_runtime import native
-
-    return native.ops()
-
-
-_warned: set[str] = set()
-
-
-def resolve_ops(kernels: str, device: torch.device | str) -> Ops:
-    """Pick the backend for ``HMTConfig.kernels`` on ``device``.
-
-    "torch" is the reference.  "auto" picks Triton on CUDA and the native extension on CPU when they are
-    available, else torch (with one warning per missing backend).  "triton"/"native" fail loudly when missing.
-    """
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r}: expected one of {KERNEL_CHOICES}")
-    device = torch.device(device)
-    if kernels == "torch":
-        return TORCH_OPS
-    if kernels == "triton":
-        return _triton_ops()
-    if kernels == "native":
-        return _native_ops()
-    wanted = "triton" if device.type == "cuda" else "native"
-    try:
-        return _triton_ops() if wanted == "triton" else _native_ops()
-    except Exception as err:  # a missing optional backend must never crash the model
-        if wanted not in _warned:
-            _warned.add(wanted)
-            warnings.warn(f"hmt: {wanted} kernels unavailable ({err}); using the torch path", stacklevel=2)
-        return TORCH_OPS

@@ -1,4 +1,5 @@
-"""The generation scheduler: HMT over preallocated, fixed-size state (spec "Generation").
+"""The generation scheduler: HMT over preallocated, fixed-size state (docs/spec.md "Generation"), the one
+incremental path: ``hmt_runtime.generate``, ``hmt_runtime.ingest`` and ``HMTModel.generate`` all run on it.
 
 Rows
     A ``Scheduler`` holds ``rows`` sequences.  Each row has its own memory (a row of a ``MemoryState``), its own
@@ -6,16 +7,17 @@ Rows
     while one row is being worked on leaves the other rows untouched (the failing row is freed).
 
 Static state (allocated when the scheduler is built, never resized)
-    kv.keys[l], kv.values[l]: (rows, Hkv, W, D) per layer; kv.lens: (rows,) int64 on the device, the positions of
-    the current segment each row holds (``kv.host_lens`` mirrors it, so control flow never reads the device).
+    kv.keys[l], kv.values[l]: (rows, Hkv, W, D) per layer, owned by the engine (``hmt_runtime.engines``);
+    kv.lens: (rows,) int64 on the device, the positions of the current segment each row holds (``kv.host_lens``
+    mirrors it, so control flow never reads the device).
     state: ``MemoryState`` of ``rows`` sequences: ring buffers (rows, N, d) with cached keys (rows, N, d_h),
     sensory / segment / tail ids, the recalled P of the current segment.
     logits: (rows, V), the next-token logits of every row.
 
-One decode step and the events around it
+One decode step and the events around it (the rules themselves are in ``hmt_runtime.segment``)
     decode   one token for every live row at once: row b writes its key/value at position ``lens[b]`` and
              attends to positions [0, lens[b]] (a per-row mask).  No host sync inside the step; on CUDA the step
-             is captured as a CUDA graph per batch bucket and replayed.
+             is captured as a CUDA graph per batch bucket and replayed (``hmt_runtime.graphs``).
     start    (per row) summary pass + recall -> P; empty the row's KV; prefill [P ; E(sensory)].  In causal mode
              it runs right after ``close`` (its query is the tail of the closed segment); in paper mode it waits
              for the segment's first token (a provisional query, spec "Generation").
@@ -24,449 +26,25 @@ One decode step and the events around it
     close    (per row) at Ls tokens: feed the trailing P, write M_n to the ring buffer, carry the sensory ids and
              the tail to the next segment.
 
-Two engines run the backbone over this state.  ``LlamaEngine`` is a lean forward of Llama-family decoders
-(Llama / SmolLM2, Mistral, Qwen2: the backbone's own weights, no copies) with the batched decode step;
-``HFEngine`` runs any other transformers backbone through its own forward with a ``Cache`` over the static
-buffers, one row at a time.  Both produce the same tokens as ``HMTModel.generate`` (the reference path of
-``segment.py``); the tests check it.
+Kernels, engine and CUDA graphs are chosen together by ``hmt_runtime.backend.select_backend``.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backbones
+from . import segment as rules
+from .backend import select_backend
+from .engines import make_engine
+from .graphs import CUDAGraphs
 from .memory import MemoryState
-from .model import HMTModel
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+if TYPE_CHECKING:
+    from .model import HMTModel
+
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-# ---------------------------------------------------------------------------------------------------- static KV
-class StaticKV:
-    """Per-layer key/value buffers of ``rows`` sequences and ``window`` positions.
-
-    keys[l], values[l]: (rows, Hkv, W, D), allocated at construction (``shape`` given) or at the first write of
-    layer l (``ensure``).  lens: (rows,) int64 on the device, positions held per row; host_lens: the same, as
-    Python ints.
-    """
-
-    def __init__(self, n_layers: int, rows: int, window: int, device, dtype, shape: tuple[int, int] | None = None):
-        self.n_layers, self.rows, self.window = n_layers, rows, window
-        self.device, self.dtype = torch.device(device), dtype
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.lens = torch.zeros(rows, dtype=torch.long, device=device)
-        self.host_lens = [0] * rows
-        if shape is not None:
-            for layer in range(n_layers):
-                self._allocate(layer, *shape, shape[1])
-
-    def _allocate(self, layer: int, kv_heads: int, head_dim: int, value_dim: int) -> None:
-        size = (self.rows, kv_heads, self.window)
-        self.keys[layer] = torch.zeros(*size, head_dim, dtype=self.dtype, device=self.device)
-        self.values[layer] = torch.zeros(*size, value_dim, dtype=self.dtype, device=self.device)
-
-    def ensure(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Allocate layer ``layer`` for states shaped like key_states (B, Hkv, L, D) if not done yet."""
-        if self.keys[layer] is None:
-            self._allocate(layer, key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
-
-    def set_len(self, row: int, length: int) -> None:
-        """Host and device length of ``row`` (the device write is a fill, no sync)."""
-        if not 0 <= length <= self.window:
-            raise ValueError(f"row {row}: KV length {length} outside [0, {self.window}]")
-        self.host_lens[row] = length
-        self.lens[row] = length
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
-
-
-# ---------------------------------------------------------------------------------------------------- engines
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm: the variance in float32, the product in the input dtype.  For float32 inputs the fused
-    ``F.rms_norm`` (one op instead of six; bitwise equal on CPU), else transformers' ops one by one."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """RoPE: x * cos + rotate_half(x) * sin, written as x * cos + x[..., perm] * sin_signed with perm swapping
-    the halves and sin_signed = [-sin_1 ; sin_2] (the same products, so bitwise what transformers computes).
-    x: (B, L, H, D); cos/sin_signed: (B, L, 1, D); perm: (D,)."""
-    return x * cos + x.index_select(-1, perm) * sin_signed
-
-
-@dataclass
-class _LayerWeights:
-    ln_in: torch.Tensor
-    eps_in: float
-    wq: torch.Tensor
-    bq: torch.Tensor | None
-    wk: torch.Tensor
-    bk: torch.Tensor | None
-    wv: torch.Tensor
-    bv: torch.Tensor | None
-    wo: torch.Tensor
-    bo: torch.Tensor | None
-    ln_post: torch.Tensor
-    eps_post: float
-    wg: torch.Tensor
-    bg: torch.Tensor | None
-    wu: torch.Tensor
-    bu: torch.Tensor | None
-    wd: torch.Tensor
-    bd: torch.Tensor | None
-
-
-def _sliding_window_below(config, window: int) -> bool:
-    sliding = getattr(config, "sliding_window", None)
-    if sliding is None:
-        return False
-    types = getattr(config, "layer_types", None)
-    if types is not None and "sliding_attention" not in types:
-        return False
-    if getattr(config, "use_sliding_window", True) is False:
-        return False
-    return sliding < window
-
-
-def lean_unsupported_reason(backbone: nn.Module, window: int) -> str | None:
-    """Why ``LlamaEngine`` cannot run ``backbone`` exactly (None when it can)."""
-    if hasattr(backbone, "get_base_model") or hasattr(backbone, "peft_config"):
-        return "the backbone is a peft model (adapters run through transformers)"
-    config = getattr(backbone, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_FAMILY:
-        return f"model_type {model_type!r} is not one of {LLAMA_FAMILY}"
-    if getattr(config, "hidden_act", None) != "silu":
-        return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not 'silu'"
-    if _sliding_window_below(config, window):
-        return f"sliding_window {config.sliding_window} is shorter than the HMT window {window}"
-    body = backbones.decoder_body(backbone)
-    if not hasattr(body, "layers") or not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
-        return "the decoder body has no layers / rotary_emb / norm"
-    for layer in body.layers:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None:
-            return "a layer has no self_attn / mlp"
-        for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            if type(module) is not nn.Linear:
-                return f"a projection is a {type(module).__name__}, not a plain nn.Linear"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if not hasattr(norm, "variance_epsilon") or set(vars(norm).get("_parameters", {})) != {"weight"}:
-                return f"a norm is a {type(norm).__name__} of unexpected form"
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            return "the attention normalises q/k (not a Llama-family layer)"
-        if getattr(attn, "sliding_window", None) is not None and attn.sliding_window < window:
-            return "a layer uses a sliding window shorter than the HMT window"
-    return None
-
-
-class LlamaEngine:
-    """A lean forward of a Llama-family decoder over ``StaticKV`` (weights are the backbone's own tensors).
-
-    Same math as transformers' Llama / Mistral / Qwen2 layers, op for op, without the per-call machinery
-    (masks, cache objects, module hooks).  Attention: the backend's ``attention_with_kvcache`` when it is not
-    the torch reference (Triton / native: the fused append + attention), else sdpa over views of the buffers.
-
-    All methods take input embeddings and return final (post-norm) hidden states; none allocates KV memory.
-    """
-
-    name = "lean"
-
-    def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None):
-        inner = backbones.unwrap(backbone)
-        body = backbones.decoder_body(backbone)
-        config = inner.config
-        self.n_layers = config.num_hidden_layers
-        self.q_heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.q_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.q_heads
-        self.group = self.q_heads // self.kv_heads
-        weight = body.norm.weight
-        self.dtype, self.device = weight.dtype, weight.device
-        self.window = window
-        self.layers = []
-        for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(_LayerWeights(
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
-                attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-                mlp.down_proj.weight, mlp.down_proj.bias,
-            ))
-        self.scale = float(getattr(body.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
-        self.norm_weight, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
-        with torch.no_grad():
-            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = body.rotary_emb(probe, torch.arange(window, device=self.device)[None])
-        half = self.head_dim // 2
-        self.cos = cos[0].contiguous()  # (W, D): the positions of one segment
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # signed, see _rotate
-        self.perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
-        self.kv = StaticKV(self.n_layers, kv_rows, window, self.device, self.dtype, (self.kv_heads, self.head_dim))
-        self.positions = torch.arange(window, device=self.device)  # (W,)
-        self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
-        self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
-
-    # -------------------------------------------------------------------------------------------- the layers
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """x: (B, L, d); cos/sin: (B, L, 1, D) (sin signed, see _rotate); attend(layer, q (B, L, Hq, D), k, v (B, L, Hkv, D)) -> (B, L, Hq, D)."""
-        batch, length = x.shape[:2]
-        for index, w in enumerate(self.layers):
-            h = _rms_norm(x, w.ln_in, w.eps_in)
-            q = _rotate(F.linear(h, w.wq, w.bq).view(batch, length, self.q_heads, self.head_dim), cos, sin, self.perm)
-            k = _rotate(F.linear(h, w.wk, w.bk).view(batch, length, self.kv_heads, self.head_dim), cos, sin, self.perm)
-            v = F.linear(h, w.wv, w.bv).view(batch, length, self.kv_heads, self.head_dim)
-            out = attend(index, q, k, v)
-            x = x + F.linear(out.reshape(batch, length, self.q_heads * self.head_dim), w.wo, w.bo)
-            h = _rms_norm(x, w.ln_post, w.eps_post)
-            x = x + F.linear(F.silu(F.linear(h, w.wg, w.bg)) * F.linear(h, w.wu, w.bu), w.wd, w.bd)
-        return _rms_norm(x, self.norm_weight, self.norm_eps)
-
-    def _sdpa(self, q, keys, values, mask=None, causal=False):
-        """q: (B, L, Hq, D); keys/values: (B, Hkv, S, D) -> (B, L, Hq, D)."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
-                                             scale=self.scale, enable_gqa=self.group > 1)
-        return out.transpose(1, 2)
-
-    # -------------------------------------------------------------------------------------------- entry points
-    def encode(self, embeds: torch.Tensor) -> torch.Tensor:
-        """A pass without cache (the summary pass): embeds (B, L, d) at positions [0, L) -> hidden (B, L, d)."""
-        length = embeds.shape[1]
-        cos, sin = self.cos[None, :length, None], self.sin[None, :length, None]
-
-        def attend(_, q, k, v):
-            return self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
-
-        return self._layers(embeds, cos, sin, attend)
-
-    def prefill(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        """Row ``row``: embeds (1, L, d) at segment positions [start, start + L), appended to the row's cache
-        (which must hold exactly ``start`` positions) -> hidden (1, L, d).  Sets the row's length to start + L."""
-        length = embeds.shape[1]
-        end = start + length
-        if end > self.window:
-            raise ValueError(f"row {row}: {start} + {length} positions exceed the window {self.window}")
-        kv = self.kv
-        cos, sin = self.cos[None, start:end, None], self.sin[None, start:end, None]
-        if self.fused is not None:
-            lens = kv.lens[row : row + 1]
-
-            def attend(i, q, k, v):
-                return self.fused(q, k, v, kv.keys[i][row : row + 1], kv.values[i][row : row + 1], lens, scale=self.scale)
-        else:
-            mask = None
-            if start:  # bottom-right causal: query i sees positions <= start + i
-                mask = self.positions[None, :end] <= (start + self.positions[:length])[:, None]
-
-            def attend(i, q, k, v):
-                keys, values = kv.keys[i][row], kv.values[i][row]  # (Hkv, W, D)
-                keys[:, start:end] = k[0].transpose(0, 1)
-                values[:, start:end] = v[0].transpose(0, 1)
-                return self._sdpa(q, keys[None, :, :end], values[None, :, :end], mask=mask, causal=not start)
-
-        hidden = self._layers(embeds, cos, sin, attend)
-        kv.set_len(row, end)
-        return hidden
-
-    def decode(self, embeds: torch.Tensor, live: torch.Tensor, span: int | None = None) -> torch.Tensor:
-        """One position for rows [0, B): embeds (B, 1, d); row b at position ``kv.lens[b]``; live: (B,) int64,
-        1 for rows whose length advances (other rows are scratch: they write at their position and are ignored).
-
-        span: cache positions attended to (host-known ``max(lens) + 1``; the window W when captured in a CUDA
-        graph).  Returns hidden (B, 1, d).  Device-only: no host sync, no host-side bookkeeping (``commit``)."""
-        batch = embeds.shape[0]
-        kv = self.kv
-        lens = kv.lens[:batch]
-        masked = batch > 1 or span is None  # batch 1 at span = lens + 1 sees every position it attends to
-        span = self.window if span is None else span
-        cos, sin = self.cos[lens][:, None, None], self.sin[lens][:, None, None]  # (B, 1, 1, D)
-        if self.fused is not None:
-            def attend(i, q, k, v):
-                return self.fused(q, k, v, kv.keys[i][:batch], kv.values[i][:batch], lens, scale=self.scale)
-        else:
-            rows = self.row_index[:batch]
-            mask = None
-            if masked:
-                mask = (self.positions[None, :span] <= lens[:, None])[:, None, None]  # (B, 1, 1, span)
-
-            def attend(i, q, k, v):
-                keys, values = kv.keys[i], kv.values[i]
-                keys[rows, :, lens] = k[:, 0]
-                values[rows, :, lens] = v[:, 0]
-                # the G query heads of a kv head attend as G query rows: no key expansion
-                grouped = q.view(batch, self.kv_heads, self.group, self.head_dim)
-                out = F.scaled_dot_product_attention(grouped, keys[:batch, :, :span], values[:batch, :, :span],
-                                                     attn_mask=mask, scale=self.scale)
-                return out.view(batch, 1, self.q_heads, self.head_dim)
-
-        hidden = self._layers(embeds, cos, sin, attend)
-        lens += live
-        return hidden
-
-    def commit(self, live_rows: Iterable[int]) -> None:
-        """Host-side bookkeeping after ``decode``: the live rows' lengths advanced by one."""
-        for row in live_rows:
-            self.kv.host_lens[row] += 1
-
-
-class _RowLayer(CacheLayerMixin):
-    """One layer of ``_RowCache``: appends into row ``row`` of the static buffers, returns views of them."""
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(self, kv: StaticKV, layer: int, row: int, start: int):
-        super().__init__()
-        self.kv, self.layer, self.row, self.length = kv, layer, row, start
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.kv.ensure(self.layer, key_states, value_states)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.kv.window:
-            raise ValueError(f"row {self.row}: {end} positions exceed the window {self.kv.window}")
-        keys, values = self.kv.keys[self.layer][self.row], self.kv.values[self.layer][self.row]
-        keys[:, self.length : end] = key_states[0]
-        values[:, self.length : end] = value_states[0]
-        self.length = end
-        return keys[None, :, :end], values[None, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.kv.window
-
-    def reset(self) -> None:
-        self.length = 0
-
-
-class _RowCache(Cache):
-    """A transformers ``Cache`` over one row of ``StaticKV``, holding ``start`` positions."""
-
-    def __init__(self, kv: StaticKV, row: int, start: int):
-        super().__init__(layers=[_RowLayer(kv, layer, row, start) for layer in range(kv.n_layers)])
-
-
-class HFEngine:
-    """Any transformers backbone through its own forward (``HMTModel.run_backbone``), one row at a time, with a
-    ``Cache`` whose storage is the static buffers.  Same entry points as ``LlamaEngine``."""
-
-    name = "transformers"
-
-    def __init__(self, model: HMTModel, kv_rows: int, window: int):
-        self.model = model
-        config = backbones.unwrap(model.backbone).config
-        n_layers = config.get_text_config(decoder=True).num_hidden_layers if hasattr(config, "get_text_config") \
-            else config.num_hidden_layers
-        self.window = window
-        self.kv = StaticKV(n_layers, kv_rows, window, model.device, model.dtype)
-
-    def encode(self, embeds):
-        return self.model.run_backbone(embeds)
-
-    def prefill(self, row, embeds, start):
-        end = start + embeds.shape[1]
-        if end > self.window:
-            raise ValueError(f"row {row}: {start} + {embeds.shape[1]} positions exceed the window {self.window}")
-        hidden = self.model.run_backbone(embeds, start, _RowCache(self.kv, row, start))
-        self.kv.set_len(row, end)
-        return hidden
-
-    def decode(self, embeds, live, span=None, live_rows=()):
-        hidden = torch.zeros_like(embeds)
-        for row in live_rows:
-            start = self.kv.host_lens[row]
-            hidden[row : row + 1] = self.model.run_backbone(embeds[row : row + 1], start, _RowCache(self.kv, row, start))
-        self.kv.lens[: embeds.shape[0]] += live
-        return hidden
-
-    def commit(self, live_rows):
-        for row in live_rows:
-            self.kv.host_lens[row] += 1
-
-
-def make_engine(model: HMTModel, rows: int, engine: str = "auto", ops=None):
-    """``engine``: "auto" (lean when the backbone allows it), "lean" (fail when it does not) or "transformers"."""
-    if engine not in ("auto", "lean", "transformers"):
-        raise ValueError(f"engine={engine!r}: expected 'auto', 'lean' or 'transformers'")
-    window = model.config.window
-    if engine == "transformers":
-        return HFEngine(model, rows, window)
-    reason = lean_unsupported_reason(model.backbone, window)
-    if reason is None:
-        return LlamaEngine(model.backbone, rows, window, ops)
-    if engine == "lean":
-        raise ValueError(f"engine='lean': {reason}")
-    return HFEngine(model, rows, window)
-
-
-# ---------------------------------------------------------------------------------------------------- CUDA graphs
-class _Graphs:
-    """CUDA graphs of fixed-shape steps, captured on their third call (two eager warm-up calls first).
-
-    A captured function reads only static tensors (its inputs are copied into a static buffer first) and does
-    no host-side work; replaying it redoes exactly what the eager call did.
-    """
-
-    def __init__(self):
-        self.graphs: dict = {}
-        self.calls: dict = {}
-        self.failed: set = set()
-        self.pool = None
-
-    def run(self, key, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key in self.graphs:
-            graph, out = self.graphs[key]
-            graph.replay()
-            return out
-        calls = self.calls.get(key, 0)
-        self.calls[key] = calls + 1
-        if calls < 2:  # warm-up, on a side stream as capture requires
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                out = fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            return out
-        if key in self.failed:
-            return fn()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn()
-        except Exception as err:  # e.g. an op that reads the device during capture: stay eager for this step
-            self.failed.add(key)
-            warnings.warn(f"hmt: CUDA graph capture of {key[0]!r} failed ({err}); running it eagerly", stacklevel=3)
-            return fn()
-        self.pool = graph.pool()
-        self.graphs[key] = (graph, out)
-        graph.replay()  # capture records without running: run it now
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------- scheduler
@@ -502,15 +80,13 @@ class Scheduler:
             sched.step()
     """
 
-    def __init__(self, model: HMTModel, rows: int = 1, engine: str = "auto", cuda_graphs="auto"):
+    def __init__(self, model: "HMTModel", rows: int = 1, engine: str = "auto", cuda_graphs="auto"):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows={rows!r}: expected an integer >= 1")
-        if cuda_graphs not in ("auto", True, False):
-            raise ValueError(f"cuda_graphs={cuda_graphs!r}: expected 'auto', True or False")
         self.model, self.cfg, self.rows = model, model.config, rows
-        with torch.no_grad():
-            self.ops = model.ops()
-        self.engine = make_engine(model, rows, engine, self.ops)
+        self.backend = select_backend(model, engine, cuda_graphs)
+        self.ops = self.backend.ops
+        self.engine = make_engine(model, rows, self.backend.engine, self.ops)
         self.kv = self.engine.kv
         device = model.device
         self.state = MemoryState.empty(self.cfg, rows, model.width, device=device, dtype=model.dtype)
@@ -519,11 +95,7 @@ class Scheduler:
         self.live_mask = torch.zeros(rows, dtype=torch.long, device=device)
         self.row_index = torch.arange(rows, device=device)
         self.host = [_Host() for _ in range(rows)]
-        use_graphs = cuda_graphs if cuda_graphs != "auto" else (device.type == "cuda" and self.engine.name == "lean")
-        if use_graphs and (device.type != "cuda" or self.engine.name != "lean"):
-            raise ValueError(f"cuda_graphs=True: needs a CUDA model and the lean engine (device {device}, "
-                             f"engine {self.engine.name!r})")
-        self.graphs = _Graphs() if use_graphs else None
+        self.graphs = CUDAGraphs() if self.backend.cuda_graphs else None
         self.static_span = False  # eager steps over all W positions, as a captured step runs (for tests)
         self.busy = False  # set by a generate() call while it uses this scheduler
         self._summary_in: dict[int, torch.Tensor] = {}
@@ -644,16 +216,11 @@ class Scheduler:
         return self.engine.prefill(row, static, 0)
 
     def _query(self, row: int, upcoming: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The recall query of ``row``'s next segment and whether it is provisional (spec "Recall modes",
-        "Generation").  upcoming: (1, L) the segment's tokens known so far."""
-        h, cfg = self.host[row], self.cfg
-        j = cfg.summary_tokens
-        tail = self.state.tail_ids[row : row + 1, j - h.tail_len :]
-        if cfg.recall == "causal":
-            return tail, False
-        if upcoming.shape[1] >= j:
-            return upcoming[:, :j], False
-        return torch.cat([tail, upcoming], dim=1)[:, -j:], h.written > 0  # the newest j known tokens
+        """The recall query of ``row``'s next segment and whether it is provisional (``segment.recall_query``).
+        upcoming: (1, L) the segment's tokens known so far."""
+        h = self.host[row]
+        tail = self.state.tail_ids[row : row + 1, self.cfg.summary_tokens - h.tail_len :]
+        return rules.recall_query(self.cfg, tail, upcoming, complete=False, has_memory=h.written > 0)
 
     def _start(self, row: int, upcoming: torch.Tensor, chunk: torch.Tensor | None = None,
                trailing: bool = False) -> torch.Tensor:
@@ -690,18 +257,18 @@ class Scheduler:
             memory = self.engine.prefill(row, st.recalled[row : row + 1, None, :], self.kv.host_lens[row])[:, -1]
         self.ops.memory_write(memory, self.model.recall.w_k.weight, st.memory[row : row + 1],
                               st.keys[row : row + 1], st.written[row : row + 1])
-        tokens = st.segment_ids[row]
-        if cfg.sensory_tokens:
-            st.sensory_ids[row] = tokens[-cfg.sensory_tokens :]
-            st.sensory_len[row] = cfg.sensory_tokens
-        st.tail_ids[row] = tokens[-cfg.summary_tokens :]
-        st.tail_len[row] = cfg.summary_tokens
+        sensory, tail = rules.carried(cfg, st.segment_ids[row : row + 1])
+        if sensory is not None:
+            st.sensory_ids[row] = sensory[0]
+            st.sensory_len[row] = sensory.shape[1]
+        st.tail_ids[row] = tail[0]
+        st.tail_len[row] = tail.shape[1]
         st.segment_len[row] = 0
         st.segments_done[row] += 1
         st.started[row] = False
         st.provisional[row] = False
         h.written += 1
-        h.sensory_len, h.tail_len, h.segment_len = cfg.sensory_tokens, cfg.summary_tokens, 0
+        h.sensory_len, h.tail_len, h.segment_len = int(st.sensory_len[row]), tail.shape[1], 0
         h.started = h.provisional = False
         self.kv.set_len(row, 0)
         if cfg.recall == "causal" and start_next:
@@ -715,23 +282,20 @@ class Scheduler:
         (the trailing P rides along when the chunk completes the segment; the next segment starts with the next
         chunk).  A provisional paper-mode segment stops at j for its refresh."""
         h, cfg, st = self.host[row], self.cfg, self.state
-        j, ls = cfg.summary_tokens, cfg.segment_tokens
         last = None
         pos, total = 0, ids.shape[1]
         while pos < total:
             if not h.started:
-                upcoming = ids[:, pos : pos + ls]
+                upcoming = ids[:, pos : pos + cfg.segment_tokens]
                 provisional = self._query(row, upcoming)[1]
-                take = min(ls, total - pos, j if provisional else ls)
+                take = rules.next_take(cfg, 0, provisional, total - pos)
                 chunk = ids[:, pos : pos + take]
-                trailing = take == ls and not provisional
+                trailing = rules.closes(cfg, take) and not provisional
                 hidden = self._start(row, upcoming, chunk, trailing)
             else:
-                take = min(ls - h.segment_len, total - pos)
-                if h.provisional and h.segment_len < j:
-                    take = min(take, j - h.segment_len)
+                take = rules.next_take(cfg, h.segment_len, h.provisional, total - pos)
                 chunk = ids[:, pos : pos + take]
-                trailing = h.segment_len + take == ls and not h.provisional
+                trailing = rules.closes(cfg, h.segment_len + take) and not h.provisional
                 embeds = self.model.embed(chunk)
                 if trailing:
                     embeds = torch.cat([embeds, st.recalled[row : row + 1, None, :]], dim=1)
@@ -742,9 +306,9 @@ class Scheduler:
             h.segment_len += take
             st.segment_len[row] = h.segment_len
             pos += take
-            if h.provisional and h.segment_len == j:
+            if rules.refresh_due(cfg, h.provisional, h.segment_len):
                 last = self._refresh(row)
-            if h.segment_len == ls:
+            if rules.closes(cfg, h.segment_len):
                 self._close(row, memory, start_next=pos == total)
             if on_progress is not None:
                 on_progress(take)
@@ -784,13 +348,12 @@ class Scheduler:
                 span = None if self.static_span else max(self.kv.host_lens[:batch]) + 1
                 self._decode_core(batch, span)
             self.engine.commit(live)
-            cfg = self.cfg
             for row in live:
                 h = self.host[row]
                 h.segment_len += 1
-                if h.provisional and h.segment_len == cfg.summary_tokens:
+                if rules.refresh_due(self.cfg, h.provisional, h.segment_len):
                     self.logits[row] = self.model.lm_logits(self._refresh(row))[0]
-                if h.segment_len == cfg.segment_tokens:
+                if rules.closes(self.cfg, h.segment_len):
                     self._close(row)
 
     def _decode_core(self, batch: int, span: int | None) -> torch.Tensor:
@@ -798,27 +361,12 @@ class Scheduler:
         st = self.state
         embeds = self.model.embed(self.tokens[:batch, None])  # (B, 1, d)
         live = self.live_mask[:batch]
-        if self.engine.name == "lean":
-            hidden = self.engine.decode(embeds, live, span)
-        else:
-            hidden = self.engine.decode(embeds, live, span, live_rows=[b for b in range(batch) if self.host[b].live])
+        hidden = self.engine.decode(embeds, live, span, live_rows=[b for b in range(batch) if self.host[b].live])
         self.logits[:batch] = self.model.lm_logits(hidden[:, 0])
         rows = self.row_index[:batch]
         st.segment_ids[rows, st.segment_len[:batch]] = self.tokens[:batch]
         st.segment_len[:batch] += live
         return self.logits
-
-    def ingest(self, row: int, ids: torch.Tensor, on_progress=None) -> None:
-        """Append ids (L,) to a live ``row`` (continue a document); its next-token logits land in ``logits``."""
-        if not self.host[row].live:
-            raise ValueError(f"row={row}: not live; add() a prompt first")
-        ids = check_ids(ids, self.model.vocab_size)
-        try:
-            with torch.no_grad():
-                self._feed(row, ids.to(self.model.device)[None], on_progress)
-        except BaseException:
-            self.release(row)
-            raise
 
 
 def check_ids(ids, vocab_size: int) -> torch.Tensor:
@@ -835,3 +383,4 @@ def check_ids(ids, vocab_size: int) -> torch.Tensor:
         bad = low if low < 0 else high
         raise ValueError(f"ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
     return ids.long()
+

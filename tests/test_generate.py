@@ -3,15 +3,7 @@ import pytest
 import torch
 
 from hmt_runtime import MemoryState, generate, ingest, new_state
-from test_model import make_model
-from tiny import VOCAB
-
-
-def greedy_positions_matching(model, prompt, out):
-    """Generated token t (at absolute index i) against argmax of the forward logits at i - 1."""
-    logits = model(out).logits[0]
-    new = range(prompt.shape[1], out.shape[1])
-    return [(i, int(out[0, i]) == int(logits[i - 1].argmax())) for i in new]
+from helpers import VOCAB, greedy_positions_matching, make_model
 
 
 def test_causal_greedy_generation_equals_forward_argmax():
@@ -20,7 +12,7 @@ def test_causal_greedy_generation_equals_forward_argmax():
     out = model.generate(prompt, max_new_tokens=25)  # crosses at least two more boundaries
     assert out.shape == (1, prompt.shape[1] + 25)
     assert torch.equal(out[:, : prompt.shape[1]], prompt)
-    assert all(ok for _, ok in greedy_positions_matching(model, prompt, out))
+    assert all(ok for _, ok in greedy_positions_matching(model, prompt.shape[1], out))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "qwen2"])
@@ -28,7 +20,7 @@ def test_causal_generation_other_families(family):
     model = make_model(family, "causal", seed=3)
     prompt = torch.randint(0, VOCAB, (1, 13))
     out = model.generate(prompt, max_new_tokens=20)
-    assert all(ok for _, ok in greedy_positions_matching(model, prompt, out))
+    assert all(ok for _, ok in greedy_positions_matching(model, prompt.shape[1], out))
 
 
 def test_paper_mode_matches_forward_from_position_j():
@@ -37,7 +29,7 @@ def test_paper_mode_matches_forward_from_position_j():
     prompt = torch.randint(0, VOCAB, (1, 9 + 2))
     out = model.generate(prompt, max_new_tokens=30)
     checked = 0
-    for i, ok in greedy_positions_matching(model, prompt, out):
+    for i, ok in greedy_positions_matching(model, prompt.shape[1], out):
         in_segment = (i - 1) % 9  # position of the predicting token inside its segment
         if in_segment >= model.config.summary_tokens - 1:
             assert ok, f"token {i} (predicted at segment position {in_segment}) differs from the forward pass"
@@ -61,18 +53,24 @@ def test_paper_mode_refresh_recomputes_p():
     assert torch.allclose(state.recalled, p, rtol=0, atol=1e-12)
 
 
-def test_kv_cache_never_exceeds_window():
-    model = make_model("llama", "causal")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # the lean engine and the transformers engine
+def test_kv_cache_never_exceeds_window(monkeypatch, family):
+    from hmt_runtime.engines import Engine, StaticKV
+
+    model = make_model(family, "causal")
     seen = []
-    original = model.run_backbone
+    set_len, commit = StaticKV.set_len, Engine.commit
 
-    def spy(embeds, start=0, past_key_values=None):
-        hidden = original(embeds, start, past_key_values)
-        if past_key_values is not None:
-            seen.append(past_key_values.get_seq_length())
-        return hidden
+    def spy_set_len(self, row, length):
+        seen.append(length)
+        return set_len(self, row, length)
 
-    model.run_backbone = spy
+    def spy_commit(self, live_rows):
+        commit(self, live_rows)
+        seen.extend(self.kv.host_lens[row] for row in live_rows)
+
+    monkeypatch.setattr(StaticKV, "set_len", spy_set_len)
+    monkeypatch.setattr(Engine, "commit", spy_commit)
     model.generate(torch.randint(0, VOCAB, (1, 30)), max_new_tokens=40)
     assert seen and max(seen) <= model.config.window
     assert max(seen) == model.config.window  # the trailing P fills the window exactly

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hmt_runtime import HMTConfig, HMTModel
-from tiny import FAMILIES, VOCAB, tiny_backbone
+from helpers import FAMILIES, VOCAB, make_model, tiny_backbone  # noqa: F401  (make_model: shared by other test files)
 
 
 def reference_forward(model: HMTModel, ids: torch.Tensor):
@@ -41,17 +41,6 @@ def reference_forward(model: HMTModel, ids: torch.Tensor):
         cache.append(h[:, -1])
         memories.append(h[:, -1])
     return torch.cat(logits, 1), torch.stack(memories, 1)
-
-
-def make_model(family="llama", recall="causal", seed=0, segment=9, sensory=3, summary=4, slots=3, **kw):
-    cfg = HMTConfig(segment_tokens=segment, sensory_tokens=sensory, summary_tokens=summary, memory_slots=slots,
-                    recall_dim=16, recall=recall, kernels="torch", **kw)
-    model = HMTModel(tiny_backbone(family, seed), cfg).double().eval()
-    torch.manual_seed(seed + 100)
-    with torch.no_grad():  # make the recall weights matter
-        model.recall.w_q.weight.normal_(0, 1.0)
-        model.recall.w_k.weight.normal_(0, 1.0)
-    return model
 
 
 def rel_err(a, b):

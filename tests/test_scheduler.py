@@ -5,22 +5,25 @@ from torch.profiler import ProfilerActivity, profile
 
 import hmt_runtime
 from hmt_runtime import MemoryState, generate, ingest
-from hmt_runtime.scheduler import LlamaEngine, Scheduler
-from test_model import make_model
-from tiny import VOCAB
-
-SEGMENT = 9  # make_model: Ls = 9, k = 3, j = 4, N = 3, W = 14
+from helpers import SEGMENT, VOCAB, CharTokenizer, forward_greedy, greedy_positions_matching, make_model, mixed_prompts
+from hmt_runtime.engines import LlamaEngine
+from hmt_runtime.scheduler import Scheduler
 
 
-def reference(model, prompt, max_new_tokens, **kw):
-    """HMTModel.generate, the reference incremental path (segment.py), for one prompt."""
-    return model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, **kw)[0].tolist()
+def alone(model, prompt, max_new_tokens, **kw):
+    """The prompt generated alone (one row)."""
+    return generate(model, [prompt], max_new_tokens=max_new_tokens, **kw)[0]
 
 
-def mixed_prompts(seed=0):
-    """Lengths inside the first segment, at a boundary, just past one, and several segments long."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (2, SEGMENT, SEGMENT + 1, 3 * SEGMENT + 5)]
+def assert_follows_forward(model, prompt, out):
+    """Against the teacher-forced forward: causal mode, every token is the forward's greedy choice; paper mode,
+    every token predicted from segment position >= j - 1 (where P is no longer provisional)."""
+    if model.config.recall == "causal":
+        assert out == forward_greedy(model, prompt, len(out) - len(prompt))
+        return
+    for i, ok in greedy_positions_matching(model, len(prompt), torch.tensor([out])):
+        if (i - 1) % SEGMENT >= model.config.summary_tokens - 1:
+            assert ok, f"token {i} differs from the forward pass"
 
 
 # ---------------------------------------------------------------------------------------------------- equality
@@ -32,8 +35,9 @@ def test_batched_greedy_equals_alone_and_reference(family, recall):
     batched = generate(model, prompts, max_new_tokens=2 * SEGMENT + 3)  # every row crosses >= 2 boundaries
     for prompt, out in zip(prompts, batched):
         assert out[: len(prompt)] == prompt and len(out) == len(prompt) + 2 * SEGMENT + 3
-        assert out == generate(model, [prompt], max_new_tokens=2 * SEGMENT + 3)[0]
-        assert out == reference(model, prompt, 2 * SEGMENT + 3)
+        assert out == alone(model, prompt, 2 * SEGMENT + 3)
+        assert out == model.generate(torch.tensor([prompt]), max_new_tokens=2 * SEGMENT + 3)[0].tolist()
+        assert_follows_forward(model, prompt, out)
 
 
 def test_engines_pick_lean_for_llama_family_only():
@@ -87,11 +91,12 @@ def test_static_span_decode_equals_eager_span():
 def test_finished_rows_free_their_row_for_waiting_prompts():
     model = make_model("llama", "causal", seed=3)
     prompts = mixed_prompts(2) + [[5, 6, 7]]
-    free = reference(model, prompts[1], 8)
+    free = alone(model, prompts[1], 8)
+    assert_follows_forward(model, prompts[1], free)
     eos = free[len(prompts[1]) + 2]  # ends prompt 1 after its third token
     out = generate(model, prompts, max_new_tokens=8, eos_token_id=eos, batch_size=2)
     for prompt, got in zip(prompts, out):
-        want = reference(model, prompt, 8, eos_token_id=eos)
+        want = alone(model, prompt, 8, eos_token_id=eos)
         assert got == want[: len(got)] and (got[-1] == eos or len(got) == len(prompt) + 8)
     assert len(out[1]) <= len(prompts[1]) + 3
 
@@ -115,21 +120,6 @@ def test_static_buffers_are_not_reallocated_and_stay_within_window():
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
-class CharTokenizer:
-    """Characters 32..126 -> ids 0..94, newline -> 95, EOS -> 96."""
-
-    eos_token_id = 96
-
-    def __call__(self, text, add_special_tokens=False):
-        class Encoded:
-            input_ids = [95 if c == "\n" else ord(c) - 32 for c in text]
-
-        return Encoded()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("\n" if i == 95 else "" if i == 96 else chr(i + 32) for i in ids)
-
-
 def test_stream_yields_exactly_the_tokens_of_the_non_streamed_call():
     model = make_model("llama", "paper", seed=5)
     prompts = mixed_prompts(3)
@@ -212,9 +202,10 @@ def test_ingest_progress_bar_counts_every_token(monkeypatch):
     model = make_model("llama", "causal")
     ids = torch.randint(0, VOCAB, (2, 3 * SEGMENT + 4))
     state, logits = ingest(model, ids, progress=True)
-    ref_state, ref_logits = hmt_runtime.segment._ingest_rows(model, ids)
-    assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-10)
-    assert torch.equal(state.written, ref_state.written) and torch.equal(state.segment_len, ref_state.segment_len)
+    with torch.no_grad():
+        forward = model(ids).logits[:, -1]  # causal mode: the state's logits are the forward's, exactly
+    assert torch.allclose(logits, forward, rtol=0, atol=1e-10)
+    assert state.written.tolist() == [3, 3] and state.segment_len.tolist() == [4, 4]
     assert len(bars) == 1 and bars[0].total == bars[0].count == ids.numel() and bars[0].closed
 
 
@@ -314,7 +305,7 @@ def test_a_failing_row_leaves_the_other_rows_intact(monkeypatch):
         sched.pick()
         produced.append(int(sched.tokens[row]))
         sched.step()
-    assert first + produced == reference(model, first, len(produced))
+    assert first + produced == alone(model, first, len(produced))
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
@@ -366,3 +357,115 @@ def test_fused_native_attention_gives_the_same_tokens():
     assert Scheduler(native_model).engine.fused is not None and Scheduler(torch_model).engine.fused is None
     prompts = mixed_prompts(7)
     assert generate(native_model, prompts, max_new_tokens=20) == generate(torch_model, prompts, max_new_tokens=20)
+
+
+# ---------------------------------------------------------------------------------------------------- one path
+@pytest.mark.parametrize("recall", ["causal", "paper"])
+def test_model_generate_keeps_the_given_state_and_returns_a_new_one(recall):
+    model = make_model("llama", recall, seed=11)
+    doc = torch.randint(0, VOCAB, (1, 2 * SEGMENT + 3))
+    question = torch.randint(0, VOCAB, (1, 4))
+    state, _ = ingest(model, doc)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    out, after = model.generate(question, max_new_tokens=12, state=state, return_state=True)
+    assert all(torch.equal(before[k], v) for k, v in state.tensors().items())  # never modified
+    assert out.tolist()[0] == generate(model, [question[0].tolist()], max_new_tokens=12, state=state)[0]
+    # the returned state holds the document, the question and every new token: continuing from it equals
+    # reading everything at once
+    more = torch.randint(0, VOCAB, (1, 3))
+    continued = model.generate(more, max_new_tokens=6, state=after)
+    whole = model.generate(torch.cat([doc, out, more], 1), max_new_tokens=6)
+    assert torch.equal(continued[:, 3:], whole[:, -6:])
+    assert int(after.segments_done[0]) == (doc.shape[1] + out.shape[1]) // SEGMENT
+
+
+def test_model_generate_return_state_without_new_tokens_and_with_eos():
+    model = make_model("llama", "causal", seed=12)
+    prompt = torch.randint(0, VOCAB, (2, SEGMENT + 2))
+    ids, state = model.generate(prompt, max_new_tokens=0, return_state=True)
+    assert torch.equal(ids, prompt) and state.batch_size == 2
+    reference, _ = ingest(model, prompt)
+    assert all(torch.equal(getattr(reference, k), v) for k, v in state.tensors().items())
+    free = model.generate(prompt[:1], max_new_tokens=5)
+    eos = int(free[0, -3])  # the third new token
+    ids, state = model.generate(prompt[:1], max_new_tokens=5, eos_token_id=eos, return_state=True)
+    assert int(ids[0, -1]) == eos and ids.shape[1] == prompt.shape[1] + 3
+    read, _ = ingest(model, ids[:, :-1])  # the EOS itself is not read
+    assert all(torch.equal(getattr(read, k), v) for k, v in state.tensors().items())
+
+
+@pytest.mark.parametrize("field, change", [("memory_slots", dict(slots=5)), ("sensory_tokens", dict(sensory=2)),
+                                           ("summary_tokens", dict(summary=3))])
+def test_model_generate_checks_the_state_against_the_config(field, change):
+    model = make_model("llama", "causal")
+    other = make_model("llama", "causal", **change)
+    state, _ = ingest(other, torch.randint(0, VOCAB, (1, 12)))
+    with pytest.raises(ValueError, match=r"state\.\w+: shape .* was made for another HMT config"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, state=state)
+    with pytest.raises(TypeError, match="state: expected a MemoryState"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, state=object())
+
+
+def lora_model(recall="causal", seed=13):
+    """make_model with a peft LoRA adapter (rank 4, non-zero B) on the attention and MLP projections."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model("llama", recall, seed=seed)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    model.backbone = get_peft_model(model.backbone, lora)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("recall", ["causal", "paper"])
+def test_lora_backbone_runs_on_the_lean_engine_with_the_adapter_kept(recall):
+    model = lora_model(recall)
+    sched = Scheduler(model)
+    assert sched.engine.name == "lean" and sched.backend.lean_reason is None
+    prompts = mixed_prompts(8)
+    lean = generate(model, prompts, max_new_tokens=2 * SEGMENT)
+    assert lean == generate(model, prompts, max_new_tokens=2 * SEGMENT, engine="transformers")
+    for prompt, out in zip(prompts, lean):
+        assert_follows_forward(model, prompt, out)
+    # the merge is a copy: the peft layers still hold their adapter, unmerged, and it changes the output
+    layer = model.backbone.base_model.model.model.layers[0].self_attn.q_proj
+    assert not layer.merged and torch.count_nonzero(layer.lora_B["default"].weight) > 0
+    with model.backbone.disable_adapter():
+        assert generate(model, prompts, max_new_tokens=2 * SEGMENT, engine="transformers") != lean
+
+
+def test_lean_engine_refuses_lora_variants_it_cannot_merge():
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model("llama", "causal")
+    model.backbone = get_peft_model(model.backbone, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="engine='lean'.*DoRA"):
+        Scheduler(model, engine="lean")
+    assert Scheduler(model).engine.name == "transformers"
+
+
+def test_no_import_circles_and_kernels_stand_alone():
+    """Every module imports cleanly on its own in a fresh interpreter, and hmt_kernels imports no hmt_runtime."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    modules = sorted(f"hmt_runtime.{p.stem}" for p in (root / "hmt_runtime").glob("*.py") if p.stem != "__init__")
+    modules += sorted(f"hmt_kernels.{p.stem}" for p in (root / "hmt_kernels").glob("*.py") if p.stem != "__init__")
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    for m in [k for k in sys.modules if k.startswith(('hmt_runtime', 'hmt_kernels'))]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module(name)\n"
+            "    if name.startswith('hmt_kernels'):\n"
+            "        assert not [k for k in sys.modules if k.startswith('hmt_runtime')], name\n")
+    subprocess.run([sys.executable, "-c", code, "hmt_kernels", *modules], check=True, cwd=root,
+                   env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    for path in (root / "hmt_kernels").glob("*.py"):
+        assert "hmt_runtime" not in "".join(l for l in path.read_text().splitlines(True)
+                                            if l.lstrip().startswith(("import", "from"))), path

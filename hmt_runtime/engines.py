@@ -1,0 +1,459 @@
+"""Engines: what runs the backbone over the scheduler's static KV buffers (docs/generation.md).
+
+Every engine has the interface of ``Engine``: ``encode`` (a pass without cache: the summary pass), ``prefill``
+(positions appended to one row's cache), ``decode`` (one position for every row at once) and ``commit`` (host-side
+bookkeeping after a decode), with the same signatures, and owns a ``StaticKV``.
+
+* ``LlamaEngine`` ("lean"): a lean forward of Llama-family decoders (Llama / SmolLM2, Mistral, Qwen2) over the
+  backbone's own weights, op for op what transformers computes, with a batched decode step.  LoRA (peft)
+  projections run merged: the engine keeps its own copy of each adapted weight, W + scale * B A, and the peft
+  model keeps its adapter (for training and saving).
+* ``HFEngine`` ("transformers"): any other transformers backbone through its own forward, one row at a time, with
+  a ``Cache`` whose storage is the static buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import backbones
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+
+
+class StaticKV:
+    """Per-layer key/value buffers of ``rows`` sequences and ``window`` positions.
+
+    keys[l], values[l]: (rows, Hkv, W, D), allocated at construction (``shape`` given) or at the first write of
+    layer l (``ensure``).  lens: (rows,) int64 on the device, positions held per row; host_lens: the same, as
+    Python ints.
+    """
+
+    def __init__(self, n_layers: int, rows: int, window: int, device, dtype, shape: tuple[int, int] | None = None):
+        self.n_layers, self.rows, self.window = n_layers, rows, window
+        self.device, self.dtype = torch.device(device), dtype
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.lens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.host_lens = [0] * rows
+        if shape is not None:
+            for layer in range(n_layers):
+                self._allocate(layer, *shape, shape[1])
+
+    def _allocate(self, layer: int, kv_heads: int, head_dim: int, value_dim: int) -> None:
+        size = (self.rows, kv_heads, self.window)
+        self.keys[layer] = torch.zeros(*size, head_dim, dtype=self.dtype, device=self.device)
+        self.values[layer] = torch.zeros(*size, value_dim, dtype=self.dtype, device=self.device)
+
+    def ensure(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate layer ``layer`` for states shaped like key_states (B, Hkv, L, D) if not done yet."""
+        if self.keys[layer] is None:
+            self._allocate(layer, key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
+
+    def set_len(self, row: int, length: int) -> None:
+        """Host and device length of ``row`` (the device write is a fill, no sync)."""
+        if not 0 <= length <= self.window:
+            raise ValueError(f"row {row}: KV length {length} outside [0, {self.window}]")
+        self.host_lens[row] = length
+        self.lens[row] = length
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: the variance in float32, the product in the input dtype.  For float32 inputs the fused
+    ``F.rms_norm`` (one op instead of six; bitwise equal on CPU), else transformers' ops one by one."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """RoPE: x * cos + rotate_half(x) * sin, written as x * cos + x[..., perm] * sin_signed with perm swapping
+    the halves and sin_signed = [-sin_1 ; sin_2] (the same products, so bitwise what transformers computes).
+    x: (B, L, H, D); cos/sin_signed: (B, L, 1, D); perm: (D,)."""
+    return x * cos + x.index_select(-1, perm) * sin_signed
+
+
+@dataclass
+class _LayerWeights:
+    ln_in: torch.Tensor
+    eps_in: float
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    ln_post: torch.Tensor
+    eps_post: float
+    wg: torch.Tensor
+    bg: torch.Tensor | None
+    wu: torch.Tensor
+    bu: torch.Tensor | None
+    wd: torch.Tensor
+    bd: torch.Tensor | None
+
+
+def _sliding_window_below(config, window: int) -> bool:
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is None:
+        return False
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return False
+    if getattr(config, "use_sliding_window", True) is False:
+        return False
+    return sliding < window
+
+
+def _lora_adapters(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """The active plain-LoRA adapters of a peft ``lora.Linear`` as (A (r, in), B (out, r), scale) triples;
+    None when ``module`` is not a peft LoRA layer.  Raises ValueError for LoRA forms the merge cannot express."""
+    if not (hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+        return None
+    if getattr(module, "merged", False):
+        raise ValueError("a LoRA layer is merged into its base weight already")
+    if getattr(module, "disable_adapters", False):
+        return []
+    adapters = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+            raise ValueError(f"LoRA adapter {name!r} is a variant (e.g. DoRA), not a plain low-rank product")
+        if getattr(module, "lora_bias", {}).get(name, False):
+            raise ValueError(f"LoRA adapter {name!r} has a bias")
+        adapters.append((module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])))
+    return adapters
+
+
+def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias) of a projection for ``F.linear``: an nn.Linear's own tensors, or for a peft LoRA
+    layer a merged copy W + sum(scale * B A) (computed in float64, stored in W's dtype; the peft model is not
+    changed).  Raises ValueError for anything else."""
+    adapters = _lora_adapters(module)
+    base = module if adapters is None else module.base_layer
+    if type(base) is not nn.Linear:
+        raise ValueError(f"a projection is a {type(base).__name__}, not a plain nn.Linear")
+    if not adapters:
+        return base.weight, base.bias
+    with torch.no_grad():
+        merged = base.weight.double()
+        for a, b, scale in adapters:
+            merged = merged + scale * (b.double() @ a.double())
+        return merged.to(base.weight.dtype), base.bias
+
+
+def lean_unsupported_reason(backbone: nn.Module, window: int) -> str | None:
+    """Why ``LlamaEngine`` cannot run ``backbone`` exactly (None when it can)."""
+    config = getattr(backbones.unwrap(backbone), "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY:
+        return f"model_type {model_type!r} is not one of {LLAMA_FAMILY}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not 'silu'"
+    if _sliding_window_below(config, window):
+        return f"sliding_window {config.sliding_window} is shorter than the HMT window {window}"
+    body = backbones.decoder_body(backbone)
+    if not hasattr(body, "layers") or not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
+        return "the decoder body has no layers / rotary_emb / norm"
+    for layer in body.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return "a layer has no self_attn / mlp"
+        for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            try:
+                adapters = _lora_adapters(module)
+            except ValueError as err:
+                return str(err)
+            base = module if adapters is None else module.base_layer
+            if type(base) is not nn.Linear:
+                return f"a projection is a {type(base).__name__}, not a plain nn.Linear"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(norm, "variance_epsilon") or set(vars(norm).get("_parameters", {})) != {"weight"}:
+                return f"a norm is a {type(norm).__name__} of unexpected form"
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            return "the attention normalises q/k (not a Llama-family layer)"
+        if getattr(attn, "sliding_window", None) is not None and attn.sliding_window < window:
+            return "a layer uses a sliding window shorter than the HMT window"
+    return None
+
+
+class Engine:
+    """The interface every engine implements (the scheduler calls nothing else).
+
+    ``name``: "lean" or "transformers".  ``kv``: the engine's ``StaticKV`` (rows, Hkv, W, D per layer).
+    ``window``: W.  Every method takes input embeddings and returns final (post-norm) hidden states.
+    """
+
+    name: str
+    kv: "StaticKV"
+    window: int
+
+    def encode(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A pass without cache (the summary pass): embeds (B, L, d) at positions [0, L) -> hidden (B, L, d)."""
+        raise NotImplementedError
+
+    def prefill(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Row ``row``: embeds (1, L, d) at segment positions [start, start + L), appended to the row's cache
+        (which holds exactly ``start`` positions) -> hidden (1, L, d).  Sets the row's length to start + L."""
+        raise NotImplementedError
+
+    def decode(self, embeds: torch.Tensor, live: torch.Tensor, span: int | None = None,
+               live_rows: Iterable[int] = ()) -> torch.Tensor:
+        """One position for rows [0, B): embeds (B, 1, d), row b at position ``kv.lens[b]``; live: (B,) int64, 1
+        for rows whose length advances (the others are scratch); live_rows: the same as host ints.  span: cache
+        positions attended to (host-known ``max(lens) + 1``; None = all W, as a captured CUDA graph runs).
+        Returns hidden (B, 1, d).  The device lengths advance; the host lengths wait for ``commit``."""
+        raise NotImplementedError
+
+    def commit(self, live_rows: Iterable[int]) -> None:
+        """Host-side bookkeeping after ``decode``: the live rows' lengths advanced by one."""
+        for row in live_rows:
+            self.kv.host_lens[row] += 1
+
+
+class LlamaEngine(Engine):
+    """A lean forward of a Llama-family decoder over ``StaticKV`` (the backbone's own weight tensors; a LoRA
+    projection as a merged copy, see the module docstring).
+
+    Same math as transformers' Llama / Mistral / Qwen2 layers, op for op, without the per-call machinery
+    (masks, cache objects, module hooks).  Attention: the backend's ``attention_with_kvcache`` when it is not
+    the torch reference (Triton / native: the fused append + attention), else sdpa over views of the buffers.
+
+    All methods take input embeddings and return final (post-norm) hidden states; none allocates KV memory.
+    """
+
+    name = "lean"
+
+    def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None):
+        inner = backbones.unwrap(backbone)
+        body = backbones.decoder_body(backbone)
+        config = inner.config
+        self.n_layers = config.num_hidden_layers
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.q_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.q_heads
+        self.group = self.q_heads // self.kv_heads
+        weight = body.norm.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.window = window
+        self.layers = []
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = [_projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                     mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = projections
+            self.layers.append(_LayerWeights(
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, wq, bq, wk, bk, wv, bv, wo, bo,
+                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                wg, bg, wu, bu, wd, bd,
+            ))
+        self.scale = float(getattr(body.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
+        self.norm_weight, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
+        with torch.no_grad():
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = body.rotary_emb(probe, torch.arange(window, device=self.device)[None])
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()  # (W, D): the positions of one segment
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # signed, see _rotate
+        self.perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
+        self.kv = StaticKV(self.n_layers, kv_rows, window, self.device, self.dtype, (self.kv_heads, self.head_dim))
+        self.positions = torch.arange(window, device=self.device)  # (W,)
+        self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
+        self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
+
+    # -------------------------------------------------------------------------------------------- the layers
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable) -> torch.Tensor:
+        """x: (B, L, d); cos/sin: (B, L, 1, D) (sin signed, see _rotate); attend(layer, q (B, L, Hq, D), k, v (B, L, Hkv, D)) -> (B, L, Hq, D)."""
+        batch, length = x.shape[:2]
+        for index, w in enumerate(self.layers):
+            h = _rms_norm(x, w.ln_in, w.eps_in)
+            q = _rotate(F.linear(h, w.wq, w.bq).view(batch, length, self.q_heads, self.head_dim), cos, sin, self.perm)
+            k = _rotate(F.linear(h, w.wk, w.bk).view(batch, length, self.kv_heads, self.head_dim), cos, sin, self.perm)
+            v = F.linear(h, w.wv, w.bv).view(batch, length, self.kv_heads, self.head_dim)
+            out = attend(index, q, k, v)
+            x = x + F.linear(out.reshape(batch, length, self.q_heads * self.head_dim), w.wo, w.bo)
+            h = _rms_norm(x, w.ln_post, w.eps_post)
+            x = x + F.linear(F.silu(F.linear(h, w.wg, w.bg)) * F.linear(h, w.wu, w.bu), w.wd, w.bd)
+        return _rms_norm(x, self.norm_weight, self.norm_eps)
+
+    def _sdpa(self, q, keys, values, mask=None, causal=False):
+        """q: (B, L, Hq, D); keys/values: (B, Hkv, S, D) -> (B, L, Hq, D)."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
+                                             scale=self.scale, enable_gqa=self.group > 1)
+        return out.transpose(1, 2)
+
+    # -------------------------------------------------------------------------------------------- entry points
+    def encode(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A pass without cache (the summary pass): embeds (B, L, d) at positions [0, L) -> hidden (B, L, d)."""
+        length = embeds.shape[1]
+        cos, sin = self.cos[None, :length, None], self.sin[None, :length, None]
+
+        def attend(_, q, k, v):
+            return self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
+
+        return self._layers(embeds, cos, sin, attend)
+
+    def prefill(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Row ``row``: embeds (1, L, d) at segment positions [start, start + L), appended to the row's cache
+        (which must hold exactly ``start`` positions) -> hidden (1, L, d).  Sets the row's length to start + L."""
+        length = embeds.shape[1]
+        end = start + length
+        if end > self.window:
+            raise ValueError(f"row {row}: {start} + {length} positions exceed the window {self.window}")
+        kv = self.kv
+        cos, sin = self.cos[None, start:end, None], self.sin[None, start:end, None]
+        if self.fused is not None:
+            lens = kv.lens[row : row + 1]
+
+            def attend(i, q, k, v):
+                return self.fused(q, k, v, kv.keys[i][row : row + 1], kv.values[i][row : row + 1], lens, scale=self.scale)
+        else:
+            mask = None
+            if start:  # bottom-right causal: query i sees positions <= start + i
+                mask = self.positions[None, :end] <= (start + self.positions[:length])[:, None]
+
+            def attend(i, q, k, v):
+                keys, values = kv.keys[i][row], kv.values[i][row]  # (Hkv, W, D)
+                keys[:, start:end] = k[0].transpose(0, 1)
+                values[:, start:end] = v[0].transpose(0, 1)
+                return self._sdpa(q, keys[None, :, :end], values[None, :, :end], mask=mask, causal=not start)
+
+        hidden = self._layers(embeds, cos, sin, attend)
+        kv.set_len(row, end)
+        return hidden
+
+    def decode(self, embeds, live, span=None, live_rows=()):
+        """See ``Engine.decode``.  Device-only (no host sync; ``live_rows`` is not needed): capturable."""
+        batch = embeds.shape[0]
+        kv = self.kv
+        lens = kv.lens[:batch]
+        masked = batch > 1 or span is None  # batch 1 at span = lens + 1 sees every position it attends to
+        span = self.window if span is None else span
+        cos, sin = self.cos[lens][:, None, None], self.sin[lens][:, None, None]  # (B, 1, 1, D)
+        if self.fused is not None:
+            def attend(i, q, k, v):
+                return self.fused(q, k, v, kv.keys[i][:batch], kv.values[i][:batch], lens, scale=self.scale)
+        else:
+            rows = self.row_index[:batch]
+            mask = None
+            if masked:
+                mask = (self.positions[None, :span] <= lens[:, None])[:, None, None]  # (B, 1, 1, span)
+
+            def attend(i, q, k, v):
+                keys, values = kv.keys[i], kv.values[i]
+                keys[rows, :, lens] = k[:, 0]
+                values[rows, :, lens] = v[:, 0]
+                # the G query heads of a kv head attend as G query rows: no key expansion
+                grouped = q.view(batch, self.kv_heads, self.group, self.head_dim)
+                out = F.scaled_dot_product_attention(grouped, keys[:batch, :, :span], values[:batch, :, :span],
+                                                     attn_mask=mask, scale=self.scale)
+                return out.view(batch, 1, self.q_heads, self.head_dim)
+
+        hidden = self._layers(embeds, cos, sin, attend)
+        lens += live
+        return hidden
+
+class _RowLayer(CacheLayerMixin):
+    """One layer of ``_RowCache``: appends into row ``row`` of the static buffers, returns views of them."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, kv: StaticKV, layer: int, row: int, start: int):
+        super().__init__()
+        self.kv, self.layer, self.row, self.length = kv, layer, row, start
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.kv.ensure(self.layer, key_states, value_states)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.kv.window:
+            raise ValueError(f"row {self.row}: {end} positions exceed the window {self.kv.window}")
+        keys, values = self.kv.keys[self.layer][self.row], self.kv.values[self.layer][self.row]
+        keys[:, self.length : end] = key_states[0]
+        values[:, self.length : end] = value_states[0]
+        self.length = end
+        return keys[None, :, :end], values[None, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.kv.window
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class _RowCache(Cache):
+    """A transformers ``Cache`` over one row of ``StaticKV``, holding ``start`` positions."""
+
+    def __init__(self, kv: StaticKV, row: int, start: int):
+        super().__init__(layers=[_RowLayer(kv, layer, row, start) for layer in range(kv.n_layers)])
+
+
+class HFEngine(Engine):
+    """Any transformers backbone through its own forward (``HMTModel.run_backbone``), one row at a time, with a
+    ``Cache`` whose storage is the static buffers.  Same entry points as ``LlamaEngine``."""
+
+    name = "transformers"
+
+    def __init__(self, model, kv_rows: int, window: int):
+        """model: the HMTModel (its ``run_backbone``)."""
+        self.model = model
+        config = backbones.unwrap(model.backbone).config
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers if hasattr(config, "get_text_config") \
+            else config.num_hidden_layers
+        self.window = window
+        self.kv = StaticKV(n_layers, kv_rows, window, model.device, model.dtype)
+
+    def encode(self, embeds):
+        return self.model.run_backbone(embeds)
+
+    def prefill(self, row, embeds, start):
+        end = start + embeds.shape[1]
+        if end > self.window:
+            raise ValueError(f"row {row}: {start} + {embeds.shape[1]} positions exceed the window {self.window}")
+        hidden = self.model.run_backbone(embeds, start, _RowCache(self.kv, row, start))
+        self.kv.set_len(row, end)
+        return hidden
+
+    def decode(self, embeds, live, span=None, live_rows=()):
+        """See ``Engine.decode``: row by row, through the backbone's own forward."""
+        hidden = torch.zeros_like(embeds)
+        for row in live_rows:
+            start = self.kv.host_lens[row]
+            hidden[row : row + 1] = self.model.run_backbone(embeds[row : row + 1], start, _RowCache(self.kv, row, start))
+        self.kv.lens[: embeds.shape[0]] += live
+        return hidden
+
+
+
+def make_engine(model, rows: int, kind: str, ops=None) -> Engine:
+    """The engine ``kind`` ("lean" | "transformers", chosen by ``hmt_runtime.backend.select_backend``) for
+    ``model`` (an HMTModel) with ``rows`` rows of W = ``model.config.window`` positions."""
+    window = model.config.window
+    if kind == "lean":
+        return LlamaEngine(model.backbone, rows, window, ops)
+    if kind == "transformers":
+        return HFEngine(model, rows, window)
+    raise ValueError(f"engine kind {kind!r}: expected 'lean' or 'transformers'")
