@@ -236,7 +236,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_splits(batch: int, kv_heads: int, window: int, device: torch.device) -> int:
+def decode_splits(batch: int, kv_heads: int, window: int, device: torch.device) -> int:
     """Split-K factor for the decode configuration: about two programs per SM, chunks of >= 128 cache positions.
 
     Decided from the cache capacity W (the lengths live on the device); programs past a row's length exit
@@ -310,7 +310,7 @@ def _attention(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None, num_sp
     interp = interpreting()
     decode = rows <= DECODE_ROWS
     if num_splits is None:
-        num_splits = _decode_splits(batch, kv_heads, window, q.device) if decode else 1
+        num_splits = decode_splits(batch, kv_heads, window, q.device) if decode else 1
     if num_splits < 1:
         raise ValueError(f"num_splits={num_splits}: expected >= 1")
     meta = dict(
@@ -363,7 +363,7 @@ def _attention(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None, num_sp
     return out
 
 
-def attention_with_kvcache(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None):
+def attention_with_kvcache(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None, *, num_splits=None, out=None):
     """Append k_new/v_new to the KV cache and attend causally, in one launch (two with split-K decode).
 
     Args:
@@ -373,6 +373,10 @@ def attention_with_kvcache(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=
             k_new/v_new may alias exactly those positions (the write then stores equal values).
         cache_lens: (B,) int32/int64 device tensor, cached positions per row before this call; not advanced.
         scale: softmax scale, default 1/sqrt(D).
+        num_splits: split-K factor, for decode only (Lq * Hq / Hkv <= 64; more than 1 otherwise is an error);
+            default: ``decode_splits(B, Hkv, W, device)`` for decode (from the cache capacity and the GPU's SM
+            count), 1 for prefill.
+        out: (B, Lq, Hq, D) tensor of q's dtype to write the result into (default: a new one).
 
     Returns:
         out: (B, Lq, Hq, D), dtype of q: query i of row b attends to positions ``[0, cache_lens[b] + i]``
@@ -380,4 +384,4 @@ def attention_with_kvcache(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=
         nor written.  ``cache_lens[b] + Lq <= W`` is checked on CPU tensors only (on a GPU it would need a host
         sync); on a GPU, positions past W are dropped instead of written out of bounds.
     """
-    return _attention(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=scale)
+    return _attention(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=scale, num_splits=num_splits, out=out)
