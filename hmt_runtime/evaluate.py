@@ -11,6 +11,12 @@ Methods (``METHODS``):
   no recall (``sensory_tokens=0``, ``use_recall=False``, the same window W, so Ls grows by k).
 - ``windows``: the backbone alone on non-overlapping windows of W tokens.
 - ``sliding``: the backbone alone on windows of W tokens moved by W/4; each window scores only its new tokens.
+- ``streaming``: the backbone alone with a rolling KV cache of W positions whose first 4 are kept (attention
+  sinks, StreamingLLM): every token sees the 4 sinks and its W - 4 most recent positions (itself included).
+  Positions are those inside the cache, as StreamingLLM assigns them: a query at cache position
+  ``c = min(t, W - 1)``, a recent key ``t - u`` positions before it, the sinks at 0..3.  Keys are cached
+  un-rotated and RoPE is applied at attention time, so each score sees exactly the cache distances; chunks of
+  tokens run at once with a mask that gives every query exactly that view (``streaming_nll``).
 - ``full``: the backbone alone with all earlier tokens in context, in chunks of its position limit.
 - ``adapted-windows``: like ``windows`` with the model's LoRA adapter on (only for models with an adapter:
   separates what the adapter learnt about the text from what memory adds).  The other backbone methods run the
@@ -38,7 +44,8 @@ from .config import HMTConfig
 from .data import as_documents, tokenize_files
 from .model import HMTModel
 
-METHODS = ("hmt", "hmt-no-recall", "rmt", "windows", "sliding", "full", "adapted-windows")
+METHODS = ("hmt", "hmt-no-recall", "rmt", "windows", "sliding", "streaming", "full", "adapted-windows")
+SINKS = 4  # attention-sink positions kept by the ``streaming`` method (StreamingLLM)
 HMT_METHODS = ("hmt", "hmt-no-recall", "rmt")
 
 
@@ -109,6 +116,101 @@ def _sliding_nll(model: HMTModel, doc: torch.Tensor, window: int, stride: int) -
         end = min(end + stride, doc.numel())
     assert bool(scored[1:].all())
     return total
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, H, L, D) with cos, sin (B, L, D) (the rotate-half convention of Llama)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _llama_parts(backbone):
+    """(decoder body, layers, rotary embedding) of a Llama-style backbone (RoPE, pre-norm, q/k/v/o_proj)."""
+    body = backbones.decoder_body(backbone)
+    layers = getattr(body, "layers", None)
+    rotary = getattr(body, "rotary_emb", None)
+    if layers is None or rotary is None or not hasattr(layers[0], "self_attn") or \
+            not hasattr(layers[0].self_attn, "q_proj"):
+        inner = backbones.unwrap(backbone)
+        raise ValueError(f"method 'streaming': needs a backbone with rotary positions and q/k/v/o projections "
+                         f"(Llama, Mistral, Qwen2 families); got {type(inner).__name__}")
+    return body, layers, rotary
+
+
+def streaming_nll(backbone, lm_logits, doc: torch.Tensor, window: int, sinks: int = SINKS,
+                  chunk: int | None = None) -> tuple[float, torch.Tensor]:
+    """The backbone with a rolling KV cache of ``window`` positions, the first ``sinks`` kept (StreamingLLM).
+
+    doc (S,) token ids; lm_logits: hidden (1, L, d) -> logits (1, L, V).  Token t attends to positions
+    0..sinks-1 and to t - (window - sinks - 1) .. t; scores use the cache positions (query at
+    min(t, window - 1), recent key u at min(t, window - 1) - (t - u), sink s at s).  Keys are kept un-rotated
+    (at most ``window - sinks - 1`` recent ones plus the sinks, per layer) and rotated at attention time.
+    ``chunk`` tokens run per pass (default ``window``).  Returns (NLL sum of tokens 1..S-1, per-token NLL (S-1,)).
+    """
+    if window <= sinks:
+        raise ValueError(f"window={window}: expected more than the {sinks} sink positions")
+    body, layers, rotary = _llama_parts(backbone)
+    chunk = chunk or window
+    keep = window - sinks - 1  # recent keys a new token needs from before it
+    device = doc.device
+    n_layers = len(layers)
+    cache_k = [None] * n_layers  # un-rotated keys (1, Hkv, P, D) of cached positions
+    cache_v = [None] * n_layers
+    cache_pos = torch.zeros(0, dtype=torch.long, device=device)  # document index of each cached position
+    nll = []
+    for a in range(0, doc.numel(), chunk):
+        ids = doc[None, a : a + chunk]
+        q_pos = torch.arange(a, a + ids.shape[1], device=device)
+        k_pos = torch.cat([cache_pos, q_pos])
+        # visible: causal, and either a sink or one of the window - sinks most recent positions
+        visible = (k_pos[None] <= q_pos[:, None]) & (
+            (k_pos[None] < sinks) | (k_pos[None] >= q_pos[:, None] - keep))
+        is_sink = (k_pos < sinks)[None].expand_as(visible)
+        c = q_pos.clamp(max=window - 1)  # the query's cache position
+        # rotary tables: recent scores need only distances t - u (rotate at document index, relative to a);
+        # sink scores need c(t) - s
+        base = int(k_pos[0])
+        hidden = body.embed_tokens(ids)
+        like = hidden.new_zeros(()) if hidden.dtype == torch.float64 else hidden.new_zeros((), dtype=torch.float32)
+        cos_q, sin_q = rotary(like, (q_pos - base)[None])
+        cos_k, sin_k = rotary(like, (k_pos - base)[None])
+        cos_c, sin_c = rotary(like, c[None])
+        cos_s, sin_s = rotary(like, k_pos.clamp(max=sinks - 1)[None])
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            shape = (1, ids.shape[1], -1, attn.head_dim)
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            keys = k if cache_k[i] is None else torch.cat([cache_k[i], k], dim=2)
+            values = v if cache_v[i] is None else torch.cat([cache_v[i], v], dim=2)
+            groups = q.shape[1] // keys.shape[1]
+            keys_r = _rope(keys, cos_k, sin_k).repeat_interleave(groups, dim=1)
+            keys_s = _rope(keys, cos_s, sin_s).repeat_interleave(groups, dim=1)
+            values_g = values.repeat_interleave(groups, dim=1)
+            recent = _rope(q, cos_q, sin_q) @ keys_r.transpose(-1, -2)
+            sink = _rope(q, cos_c, sin_c) @ keys_s.transpose(-1, -2)
+            scores = torch.where(is_sink[None, None], sink, recent) * attn.scaling
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            scores = scores.masked_fill(~visible[None, None], float("-inf"))
+            weights = torch.softmax(scores, dim=-1).to(values_g.dtype)
+            out = (weights @ values_g).transpose(1, 2).reshape(1, ids.shape[1], -1)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            # keep the sinks and the ``keep`` most recent positions for the next chunk
+            held = (k_pos < sinks) | (k_pos > int(q_pos[-1]) - keep)
+            cache_k[i], cache_v[i] = keys[:, :, held], values[:, :, held]
+        cache_pos = k_pos[(k_pos < sinks) | (k_pos > int(q_pos[-1]) - keep)]
+        logits = lm_logits(body.norm(hidden))[0]
+        targets = doc[a + 1 : a + 1 + ids.shape[1]]
+        nll.append(_token_nll(logits[: targets.numel()], targets))
+    per_token = torch.cat(nll)
+    return float(per_token.sum()), per_token
 
 
 def _hmt_nll(model: HMTModel, doc: torch.Tensor, use_recall: bool) -> float:
@@ -218,6 +320,9 @@ def evaluate(model: HMTModel, corpus, methods=None, segments: int = 4, sliding_s
                                 last += per_window
                             elif method == "sliding":
                                 nll += _sliding_nll(model, doc, window, stride)
+                            elif method == "streaming":
+                                nll += streaming_nll(model.backbone, lambda h: _logits(model, h),
+                                                     doc.to(model.device), window)[0]
                             else:
                                 nll += _chunked_nll(model, doc, limit)[0]
                     if bar is not None:
@@ -244,6 +349,7 @@ def describe_method(name: str, result: dict) -> str:
         "rmt": f"RMT ablation, window {w} (memory token only)",
         "windows": f"backbone, non-overlapping windows of {w}",
         "sliding": f"backbone, sliding window {w}, stride {result['sliding_stride']}",
+        "streaming": f"backbone, rolling KV cache of {w} with {SINKS} attention sinks (StreamingLLM)",
         "full": f"backbone, full context (chunks of {result['full_context']})",
         "adapted-windows": f"backbone + LoRA adapter, windows of {w}",
     }[name]

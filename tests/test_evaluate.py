@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hmt_runtime import HMTConfig, HMTModel
-from hmt_runtime.evaluate import evaluate, format_table, rmt_view
+from hmt_runtime.evaluate import evaluate, format_table, rmt_view, streaming_nll
 from tiny import VOCAB, tiny_backbone
 
 SEGMENT, SENSORY = 8, 3  # W = 13
@@ -128,7 +128,7 @@ def test_hmt_last_segment_ppl_is_mean_over_windows(setup):
 def test_table_and_method_selection(setup):
     model, docs, result = setup
     table = format_table(result)
-    assert table.count("\n| ") == 1 + 6  # header + one row per method
+    assert table.count("\n| ") == 1 + 7  # header + one row per method
     assert "sliding window 13, stride 3" in table
     only = evaluate(model, docs[:1], methods=["windows"])
     assert list(only["methods"]) == ["windows"]
@@ -138,3 +138,77 @@ def test_table_and_method_selection(setup):
         evaluate(model, docs, methods=["adapted-windows"])
     with pytest.raises(ValueError, match="at least 2 tokens"):
         evaluate(model, [torch.tensor([5])])
+
+
+# ------------------------------------------------------------------------------------------ streaming (sinks)
+def _rotate(keys, rotary, shift):
+    """keys (1, H, L, D) rotated by ``shift`` positions (RoPE composes: R(p + shift) = R(shift) R(p))."""
+    cos, sin = rotary(keys, torch.full((1, keys.shape[2]), shift, dtype=torch.long))
+    cos, sin = cos[:, None], sin[:, None]
+    half = keys.shape[-1] // 2
+    return keys * cos + torch.cat((-keys[..., half:], keys[..., :half]), -1) * sin
+
+
+def reference_streaming_nll(backbone, doc, window, sinks=4):
+    """StreamingLLM token by token through the backbone's own forward: a KV cache of at most ``window``
+    positions, keys rotated at their cache position; when full, the oldest non-sink entry is evicted and the
+    later ones are re-rotated one position down.  Returns per-token NLL (S-1,) in float64."""
+    from transformers import DynamicCache
+
+    body = backbone.model
+    keys = values = None  # per layer lists of (1, Hkv, P, D), rotated at cache positions 0..P-1
+    out = []
+    for t in range(doc.numel() - 1):
+        if keys is not None and keys[0].shape[2] == window:  # make room: evict position `sinks`, shift the rest
+            keys = [torch.cat([k[:, :, :sinks], _rotate(k[:, :, sinks + 1 :], body.rotary_emb, -1)], 2) for k in keys]
+            values = [torch.cat([v[:, :, :sinks], v[:, :, sinks + 1 :]], 2) for v in values]
+        cache = DynamicCache()
+        length = 0
+        if keys is not None:
+            for layer, (k, v) in enumerate(zip(keys, values)):
+                cache.update(k, v, layer)
+            length = keys[0].shape[2]
+        res = backbone(input_ids=doc[None, t : t + 1], position_ids=torch.tensor([[length]]),
+                       past_key_values=cache, use_cache=True)
+        logp = torch.log_softmax(res.logits[0, -1].double(), -1)
+        out.append(-logp[int(doc[t + 1])])
+        new = res.past_key_values
+        keys = [new.layers[i].keys for i in range(len(body.layers))]
+        values = [new.layers[i].values for i in range(len(body.layers))]
+        assert keys[0].shape[2] <= window
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family,window,chunk", [("llama", 13, None), ("llama", 9, 5), ("qwen2", 11, 7),
+                                                  ("mistral", 10, 3)])
+def test_streaming_matches_token_by_token_cache_with_sinks(family, window, chunk):
+    torch.manual_seed(11)
+    backbone = tiny_backbone(family, seed=4)
+    doc = torch.randint(0, VOCAB, (37,))  # several evictions, not a multiple of the window or the chunk
+    with torch.no_grad():
+        expected = reference_streaming_nll(backbone, doc, window)
+        total, got = streaming_nll(backbone, backbone.lm_head, doc, window, chunk=chunk)
+        # the first `window` tokens see everything before them: equal to the plain backbone there
+        plain = torch.log_softmax(backbone(input_ids=doc[None, :window]).logits[0].double(), -1)
+        plain_nll = -plain[torch.arange(window - 1), doc[1:window]]
+    assert got.shape == (36,)
+    # transformers builds its rotary tables in float32, and the reference composes rotations: agree to 1e-7
+    assert torch.allclose(got, expected, rtol=1e-7, atol=1e-7)
+    assert total == pytest.approx(float(got.sum()), rel=1e-12)
+    assert torch.allclose(got[: window - 1], plain_nll, rtol=1e-9, atol=1e-9)
+    # past the window, the view differs from full context (the test can tell the methods apart)
+    full = torch.log_softmax(backbone(input_ids=doc[None]).logits[0].double(), -1)
+    full_nll = -full[torch.arange(36), doc[1:]]
+    assert not torch.allclose(got[window:], full_nll[window:], rtol=1e-6, atol=1e-6)
+
+
+def test_streaming_in_evaluate_and_its_errors(setup):
+    model, docs, result = setup
+    with torch.no_grad():
+        direct = sum(streaming_nll(model.backbone, model.lm_logits, doc, model.config.window)[0] for doc in docs)
+    assert result["methods"]["streaming"]["ppl"] == pytest.approx(math.exp(direct / result["tokens"]), rel=1e-9)
+    with pytest.raises(ValueError, match="window=4"):
+        streaming_nll(model.backbone, model.lm_logits, docs[0], 4)
+    gpt2 = tiny_backbone("gpt2", seed=1)
+    with pytest.raises(ValueError, match="rotary positions"):
+        streaming_nll(gpt2, gpt2.lm_head, docs[0], 13)
