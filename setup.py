@@ -30,6 +30,47 @@ def warn(message: str) -> None:
           file=sys.stderr)
 
 
+# The builds of the weight-only linear kernels (csrc/cpu/isa/linear_kernels.cpp): (name, floats per vector, flags).
+# Each is compiled from the same file with its own flags, and hmt_runtime._C picks one at run time for the CPU it
+# runs on (HMT_ISA=avx512|avx2|scalar overrides that); a build whose flags the compiler rejects is left out.
+LINEAR_ISA_BUILDS = (
+    ("avx512", 16, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]),
+    ("avx2", 8, ["-mavx2", "-mfma", "-mf16c"]),
+    ("scalar", 4, []),  # the compiler's default target: always built
+)
+
+
+def compile_linear_isa_builds(compiler: list[str], build_temp: Path) -> tuple[list[str], list[tuple[str, None]]]:
+    """Compile each build of the linear kernels to an object file; returns (objects, define_macros for _C)."""
+    import subprocess
+
+    source = Path("csrc") / "cpu" / "isa" / "linear_kernels.cpp"
+    headers = [source, Path("csrc") / "cpu" / "linear_isa.h"]
+    build_temp.mkdir(parents=True, exist_ok=True)
+    objects, macros = [], []
+    for name, floats, flags in LINEAR_ISA_BUILDS:
+        obj = build_temp / f"linear_kernels_{name}.o"
+        command = [*compiler, "-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-Wno-psabi",
+                   f"-DHMT_LINEAR_NS={name}", f"-DHMT_VEC_FLOATS={floats}", *flags, "-c", str(source), "-o", str(obj)]
+        stamp = obj.with_suffix(".cmd")
+        fresh = (obj.is_file() and stamp.is_file() and stamp.read_text() == " ".join(command)
+                 and all(obj.stat().st_mtime >= h.stat().st_mtime for h in headers))
+        if not fresh:
+            print(" ".join(command), flush=True)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                if not flags:
+                    raise RuntimeError(f"compiling {source} failed:\n{result.stderr}")
+                print(f"WARNING: hmt: the compiler cannot build the {name} linear kernels ({' '.join(flags)}); "
+                      f"leaving them out:\n{result.stderr.strip()[:2000]}", file=sys.stderr)
+                continue
+            stamp.write_text(" ".join(command))
+        objects.append(str(obj))
+        if flags:
+            macros.append((f"HMT_LINEAR_{name.upper()}", None))
+    return objects, macros
+
+
 def native_extension():
     """(ext_modules, cmdclass) for hmt_runtime._C, or ([], {}) when it cannot be built here."""
     if os.environ.get("HMT_BUILD_NATIVE", "1") == "0":
@@ -43,6 +84,14 @@ def native_extension():
 
     class OptionalBuildExtension(BuildExtension):
         """BuildExtension (ninja) that turns a failed compile into one warning instead of a failed install."""
+
+        def build_extensions(self):
+            compiler = getattr(self.compiler, "compiler_cxx", None) or [os.environ.get("CXX", "c++")]
+            for ext in self.extensions:
+                objects, macros = compile_linear_isa_builds(list(compiler[:1]), Path(self.build_temp))
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+                ext.define_macros = list(ext.define_macros or []) + macros
+            super().build_extensions()
 
         def run(self):
             try:

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/linear.h"
 #include "cpu/ops_cpu.h"
 #include "cpu/vec.h"
 #ifdef HMT_WITH_CUDA
@@ -17,12 +18,17 @@ TORCH_LIBRARY(hmt, m) {
   m.def("recall(Tensor summary, Tensor memory, Tensor keys, Tensor written, Tensor w_q) -> Tensor");
   m.def(
       "memory_write(Tensor new_memory, Tensor w_k, Tensor(a!) memory, Tensor(b!) keys, Tensor(c!) written) -> ()");
+  // Weight-only linear layers (csrc/cpu/linear.h): format is fp32, bf16, int8, q4_1 or q8_0.
+  m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str format) -> Tensor");
+  m.def("linear_out(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str format, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hmt, CPU, m) {
   m.impl("attention_with_kvcache", &hmt::cpu::attention_with_kvcache);
   m.impl("recall", &hmt::cpu::recall);
   m.impl("memory_write", &hmt::cpu::memory_write);
+  m.impl("linear", &hmt::cpu::linear);
+  m.impl("linear_out", &hmt::cpu::linear_out);
 }
 
 #ifdef HMT_WITH_CUDA
@@ -53,6 +59,12 @@ pybind11::dict build_info() {
 #else
   info["cpu_isa"] = "baseline";  // built once, for the compiler's default target
 #endif
+  try {
+    info["linear_isa"] = hmt::cpu::linear_isa();  // the build of the weight-only linear kernels in use
+  } catch (const c10::Error& err) {  // a bad HMT_ISA: reported here, raised by the linear ops
+    info["linear_isa"] = std::string("error: ") + err.what_without_backtrace();
+  }
+  info["linear_isas"] = hmt::cpu::linear_isas();  // the builds this CPU can run, best first
   info["compiler"] = __VERSION__;
   return info;
 }
@@ -62,5 +74,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native hmt ops; importing this module registers torch.ops.hmt.*";
   m.def("build_info", &build_info,
-        "dict: cuda (CUDA kernels compiled in), openmp, cpu_isa (instruction set the CPU kernels run with), compiler");
+        "dict: cuda (CUDA kernels compiled in), openmp, cpu_isa (instruction set the CPU kernels run with), "
+        "linear_isa and linear_isas (the weight-only linear kernels' build in use and those this CPU runs), compiler");
+  m.def("set_linear_isa", &hmt::cpu::set_linear_isa, pybind11::arg("name"),
+        "Use the avx512, avx2 or scalar build of the weight-only linear kernels (ValueError when unavailable)");
 }

@@ -1,0 +1,317 @@
+// Weight-only linear kernels y = x W^T (+ b) for float32 activations and fp32 / bf16 / int8 / Q4_1 / Q8_0
+// weights (formats and contract: csrc/cpu/linear_isa.h).
+//
+// This file is compiled once per instruction set (setup.py): HMT_LINEAR_NS names the build (avx512, avx2,
+// scalar) and HMT_VEC_FLOATS its vector width in floats (16, 8, 4); the flags of each build (-mavx512f ...,
+// -mavx2 -mfma -mf16c, or none) apply to this file only.  It includes no C++ library or ATen headers, and
+// everything but the entry point has internal linkage (anonymous namespace), so nothing compiled here with
+// wider instructions is shared with the rest of the extension.
+//
+// Work is tiled as MR rows of x by NR rows of W: each weight vector is dequantized to float32 in registers once
+// (w = d q + m for Q4_1, d q for Q8_0, widening for bf16 / int8) and multiplied into MR accumulators, so the
+// weights are read once per tile of MR rows and dequantized once per vector; rows of x are taken in blocks of
+// kRowBlock so that such a block stays in cache while the weight rows stream past it.
+#include <cstdint>
+
+#include "../linear_isa.h"
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#if !defined(HMT_LINEAR_NS) || !defined(HMT_VEC_FLOATS)
+#error "compile with -DHMT_LINEAR_NS=<avx512|avx2|scalar> -DHMT_VEC_FLOATS=<16|8|4> (see setup.py)"
+#endif
+
+namespace hmt::cpu::HMT_LINEAR_NS {
+namespace {
+
+#define HMT_K_INLINE inline __attribute__((always_inline))
+
+constexpr int W = HMT_VEC_FLOATS;  // floats per vector
+static_assert(W == 4 || W == 8 || W == 16, "HMT_VEC_FLOATS must be 4, 8 or 16");
+#if HMT_VEC_FLOATS == 16
+constexpr int kNR = 4, kMR = 4;  // 32 zmm: 16 accumulators + 4 weight vectors + x
+#elif HMT_VEC_FLOATS == 8
+constexpr int kNR = 4, kMR = 2;  // 16 ymm: 8 accumulators + 4 weight vectors + x
+#else
+constexpr int kNR = 2, kMR = 2;
+#endif
+constexpr int64_t kRowBlock = 64;  // rows of x per block
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
+typedef uint8_t vu8 __attribute__((vector_size(W)));
+typedef int8_t vs8 __attribute__((vector_size(W)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+
+template <typename T>
+HMT_K_INLINE T load_bytes(const void* p) {
+  T v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+HMT_K_INLINE vf loadf(const float* p) { return load_bytes<vf>(p); }
+
+HMT_K_INLINE vf splat(float a) {
+  const vf zero = {};
+  return zero + a;
+}
+
+HMT_K_INLINE float hsum(vf v) {
+#if HMT_VEC_FLOATS == 16
+  vf8 a = load_bytes<vf8>(&v), b = load_bytes<vf8>(reinterpret_cast<const char*>(&v) + 32);
+  vf8 s8 = a + b;
+#elif HMT_VEC_FLOATS == 8
+  vf8 s8 = v;
+#endif
+#if HMT_VEC_FLOATS >= 8
+  vf4 c = load_bytes<vf4>(&s8), d = load_bytes<vf4>(reinterpret_cast<const char*>(&s8) + 16);
+  vf4 s4 = c + d;
+#else
+  vf4 s4 = v;
+#endif
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+HMT_K_INLINE float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float32
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    __builtin_memcpy(&bits, &magnitude, 4);
+    bits |= sign;
+  } else if (exponent == 31) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+HMT_K_INLINE float read_half(const uint8_t* p) { return half_to_float(load_bytes<uint16_t>(p)); }
+
+// ---- formats: dense ones give vector `load(row, k)` (elements k .. k + W) and scalar `at(row, k)` -----------
+
+struct F32 {
+  static constexpr bool kBlocked = false;
+  static HMT_K_INLINE vf load(const uint8_t* row, int64_t k) { return loadf(reinterpret_cast<const float*>(row) + k); }
+  static HMT_K_INLINE float at(const uint8_t* row, int64_t k) { return load_bytes<float>(row + 4 * k); }
+};
+
+struct BF16 {
+  static constexpr bool kBlocked = false;
+  static HMT_K_INLINE vf load(const uint8_t* row, int64_t k) {
+    const vu32 wide = __builtin_convertvector(load_bytes<vu16>(row + 2 * k), vu32) << 16;
+    return (vf)wide;
+  }
+  static HMT_K_INLINE float at(const uint8_t* row, int64_t k) {
+    const uint32_t bits = static_cast<uint32_t>(load_bytes<uint16_t>(row + 2 * k)) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+struct I8 {  // the row's scale is applied to the finished dot product
+  static constexpr bool kBlocked = false;
+  static HMT_K_INLINE vf load(const uint8_t* row, int64_t k) {
+    return __builtin_convertvector(__builtin_convertvector(load_bytes<vs8>(row + k), vi), vf);
+  }
+  static HMT_K_INLINE float at(const uint8_t* row, int64_t k) {
+    return static_cast<float>(static_cast<int8_t>(row[k]));
+  }
+};
+
+// ---- block formats: 32 elements per block; `piece(block, p, d, m)` is elements p W .. p W + W of the block --
+
+struct Q4_1 {
+  static constexpr bool kBlocked = true;
+  static constexpr int64_t kBlockBytes = 20;
+  static HMT_K_INLINE void scales(const uint8_t* block, float& d, float& m) {
+    d = read_half(block);
+    m = read_half(block + 2);
+  }
+  static HMT_K_INLINE vf piece(const uint8_t* block, int p, vf d, vf m) {
+    constexpr int kLow = 16 / W;  // pieces taken from the low nibbles
+    const int byte0 = (p < kLow ? p : p - kLow) * W;
+    const vi bytes = __builtin_convertvector(load_bytes<vu8>(block + 4 + byte0), vi);
+    const vi q = p < kLow ? (bytes & 15) : (bytes >> 4);
+    return __builtin_convertvector(q, vf) * d + m;  // d q is exact, so this rounds once (as an FMA would)
+  }
+  static HMT_K_INLINE float element(const uint8_t* block, int t) {
+    const uint8_t byte = block[4 + (t & 15)];
+    const int q = t < 16 ? (byte & 15) : (byte >> 4);
+    return static_cast<float>(q) * read_half(block) + read_half(block + 2);
+  }
+};
+
+struct Q8_0 {
+  static constexpr bool kBlocked = true;
+  static constexpr int64_t kBlockBytes = 34;
+  static HMT_K_INLINE void scales(const uint8_t* block, float& d, float& m) {
+    d = read_half(block);
+    m = 0.0f;
+  }
+  static HMT_K_INLINE vf piece(const uint8_t* block, int p, vf d, vf) {
+    const vi q = __builtin_convertvector(load_bytes<vs8>(block + 2 + p * W), vi);
+    return __builtin_convertvector(q, vf) * d;  // exact
+  }
+  static HMT_K_INLINE float element(const uint8_t* block, int t) {
+    return static_cast<float>(static_cast<int8_t>(block[2 + t])) * read_half(block);
+  }
+};
+
+template <class F>
+constexpr bool kRowScale = false;
+template <>
+constexpr bool kRowScale<I8> = true;
+
+// ---- one tile: rows i0 .. i0 + MR of x against rows n0 .. n0 + NR of W ---------------------------------------
+
+template <class F, int MR, int NR>
+HMT_K_INLINE void tile(const LinearArgs& a, int64_t i0, int64_t n0) {
+  constexpr int U = MR == 1 ? 2 : 1;  // a lone row gets two accumulator sets for more independent FMAs
+  const int64_t K = a.k;
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = a.w + (n0 + r) * a.row_bytes;
+  const float* xs[MR];
+  for (int i = 0; i < MR; ++i) xs[i] = a.x + (i0 + i) * a.ldx;
+
+  vf acc[U][MR][NR];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < MR; ++i)
+      for (int r = 0; r < NR; ++r) acc[u][i][r] = vf{};
+  float tail[MR][NR] = {};
+
+  if constexpr (F::kBlocked) {
+    const int64_t full = K / 32;
+    for (int64_t b = 0; b < full; ++b) {
+      const uint8_t* blocks[NR];
+      vf d[NR], m[NR];
+      for (int r = 0; r < NR; ++r) {
+        blocks[r] = rows[r] + b * F::kBlockBytes;
+        float ds, ms;
+        F::scales(blocks[r], ds, ms);
+        d[r] = splat(ds);
+        m[r] = splat(ms);
+      }
+#pragma GCC unroll 8
+      for (int p = 0; p < 32 / W; ++p) {
+        const int u = U == 2 ? (p & 1) : 0;
+        vf w[NR];
+        for (int r = 0; r < NR; ++r) w[r] = F::piece(blocks[r], p, d[r], m[r]);
+        for (int i = 0; i < MR; ++i) {
+          const vf xv = loadf(xs[i] + b * 32 + p * W);
+          for (int r = 0; r < NR; ++r) acc[u][i][r] += xv * w[r];
+        }
+      }
+    }
+    const int rest = static_cast<int>(K - full * 32);
+    if (rest > 0) {  // a partial last block: elements full * 32 .. K
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* block = rows[r] + full * F::kBlockBytes;
+        for (int t = 0; t < rest; ++t) {
+          const float wt = F::element(block, t);
+          for (int i = 0; i < MR; ++i) tail[i][r] += xs[i][full * 32 + t] * wt;
+        }
+      }
+    }
+  } else {
+    int64_t k = 0;
+    if constexpr (U == 2) {
+      for (; k + 2 * W <= K; k += 2 * W) {
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; ++u) {
+          vf w[NR];
+          for (int r = 0; r < NR; ++r) w[r] = F::load(rows[r], k + u * W);
+          const vf xv = loadf(xs[0] + k + u * W);
+          for (int r = 0; r < NR; ++r) acc[u][0][r] += xv * w[r];
+        }
+      }
+    }
+    for (; k + W <= K; k += W) {
+      vf w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = F::load(rows[r], k);
+      for (int i = 0; i < MR; ++i) {
+        const vf xv = loadf(xs[i] + k);
+        for (int r = 0; r < NR; ++r) acc[0][i][r] += xv * w[r];
+      }
+    }
+    for (; k < K; ++k) {
+      for (int r = 0; r < NR; ++r) {
+        const float wt = F::at(rows[r], k);
+        for (int i = 0; i < MR; ++i) tail[i][r] += xs[i][k] * wt;
+      }
+    }
+  }
+
+  for (int i = 0; i < MR; ++i) {
+    float* out = a.y + (i0 + i) * a.ldy + n0;
+    for (int r = 0; r < NR; ++r) {
+      vf total = acc[0][i][r];
+      if constexpr (U == 2) total += acc[1][i][r];
+      float s = hsum(total) + tail[i][r];
+      if constexpr (kRowScale<F>) s *= a.scale[n0 + r];
+      if (a.bias != nullptr) s += a.bias[n0 + r];
+      out[r] = s;
+    }
+  }
+}
+
+// Rows m0 .. m1 of x against rows n0 .. n0 + NR of W.
+template <class F, int NR>
+void tile_column(const LinearArgs& a, int64_t m0, int64_t m1, int64_t n0) {
+  int64_t i = m0;
+  for (; i + kMR <= m1; i += kMR) tile<F, kMR, NR>(a, i, n0);
+  const int64_t rest = m1 - i;
+  if constexpr (kMR > 3) {
+    if (rest == 3) return tile<F, 3, NR>(a, i, n0);
+  }
+  if constexpr (kMR > 2) {
+    if (rest == 2) return tile<F, 2, NR>(a, i, n0);
+  }
+  if constexpr (kMR > 1) {
+    if (rest == 1) return tile<F, 1, NR>(a, i, n0);
+  }
+}
+
+template <class F>
+void run(const LinearArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < a.m; m0 += kRowBlock) {
+    const int64_t m1 = m0 + kRowBlock < a.m ? m0 + kRowBlock : a.m;
+    int64_t n = n0;
+    for (; n + kNR <= n1; n += kNR) tile_column<F, kNR>(a, m0, m1, n);
+    for (; n < n1; ++n) tile_column<F, 1>(a, m0, m1, n);
+  }
+}
+
+}  // namespace
+
+void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1) {
+  switch (args.format) {
+    case WeightFormat::kF32:
+      return run<F32>(args, n0, n1);
+    case WeightFormat::kBF16:
+      return run<BF16>(args, n0, n1);
+    case WeightFormat::kI8:
+      return run<I8>(args, n0, n1);
+    case WeightFormat::kQ4_1:
+      return run<Q4_1>(args, n0, n1);
+    case WeightFormat::kQ8_0:
+      return run<Q8_0>(args, n0, n1);
+  }
+}
+
+}  // namespace hmt::cpu::HMT_LINEAR_NS

@@ -1,0 +1,61 @@
+// Weight-only linear layers y = x W^T (+ b): float32 activations, W stored as fp32, bf16, int8 with per-row
+// scales, or llama.cpp's Q4_1 / Q8_0 blocks of 32 (formats: linear_isa.h), float32 accumulation.  Kernels:
+// csrc/cpu/isa/linear_kernels.cpp, built for AVX-512, AVX2 and the portable target; the best build the CPU runs
+// is chosen at load time (HMT_ISA=avx512|avx2|scalar overrides it; set_linear_isa changes it).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "linear_isa.h"
+
+namespace hmt::cpu {
+
+// "fp32", "bf16", "int8", "q4_1", "q8_0" (ValueError naming the value otherwise).
+WeightFormat parse_weight_format(const std::string& name);
+
+// A checked weight: what the kernels need besides x and y.  Build it once per layer (pack_linear), then call
+// linear_run from inside a caller's parallel region or linear_parallel to use torch's pool.
+struct PackedLinear {
+  WeightFormat format;
+  const uint8_t* w;
+  int64_t row_bytes;
+  const float* scale;  // (N,) for int8
+  const float* bias;   // (N,) or nullptr
+  int64_t n, k;        // W is (N, K)
+};
+
+// weight: fp32 / bf16 (N, K), int8 (N, K) with scale float32 (N,), q4_1 uint8 (N, ceil(K/32) * 20) or q8_0 uint8
+// (N, ceil(K/32) * 34), last dimension contiguous; bias: float32 (N,) or none.  The tensors must outlive the
+// PackedLinear (it holds their pointers).
+PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& bias, const std::string& format, int64_t k);
+
+// y[i, n] for i < m, n0 <= n < n1, on the calling thread.  x row i at x + i * ldx (K floats); y[i, n] at
+// y + i * ldy + n.
+void linear_run(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
+                int64_t n1);
+
+// All N outputs, split over torch's intra-op pool (the calling thread alone for small calls or inside a
+// parallel region).
+void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy);
+
+// The op hmt::linear: x (..., K) float32 -> (..., N) float32.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                  const std::optional<at::Tensor>& bias, const std::string& format);
+
+// The op hmt::linear_out: x (M, K) float32 into out (M, N) float32 (last dimension contiguous, any row stride,
+// so it may be a column slice of a wider buffer).
+void linear_out(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& bias, const std::string& format, const at::Tensor& out);
+
+// The instruction-set build in use ("avx512", "avx2" or "scalar"), the builds this CPU can run (best first), and
+// a switch between them (ValueError for a build that is missing or that the CPU cannot run).
+std::string linear_isa();
+std::vector<std::string> linear_isas();
+void set_linear_isa(const std::string& name);
+
+}  // namespace hmt::cpu

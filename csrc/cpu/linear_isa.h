@@ -1,0 +1,52 @@
+// The instruction-set builds of the weight-only linear kernels (csrc/cpu/isa/linear_kernels.cpp).
+//
+// That file is compiled once per instruction set with its own flags (setup.py): -mavx512f/bw/vl/dq -mfma -mf16c
+// ("avx512"), -mavx2 -mfma -mf16c ("avx2") and none at all ("scalar", the portable build).  It includes nothing
+// but this header and the compiler's intrinsics, and everything in it has internal linkage apart from the one
+// entry point per build below, so no inline function compiled for AVX-512 can be picked by the linker for code
+// that runs on a CPU without it.  csrc/cpu/linear.cpp chooses the build at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace hmt::cpu {
+
+// How the weight matrix W (N, K) is stored; one row of W is `row_bytes` bytes at w + n * row_bytes.
+enum class WeightFormat : int32_t {
+  kF32 = 0,   // float32 (N, K)
+  kBF16 = 1,  // bfloat16 (N, K)
+  kI8 = 2,    // int8 (N, K), w[n, k] = q[n, k] * scale[n] with float32 scale (N,)
+  kQ4_1 = 3,  // llama.cpp block_q4_1: ceil(K / 32) blocks of 20 bytes per row (fp16 d, fp16 m, 16 bytes of
+              // nibbles; element j < 16 is the low nibble of byte j, element j + 16 its high nibble), w = d q + m
+  kQ8_0 = 4,  // llama.cpp block_q8_0: ceil(K / 32) blocks of 34 bytes per row (fp16 d, 32 int8), w = d q
+};
+
+// One call: y[i, n] = sum_k x[i, k] w[n, k] (+ bias[n]) for i < m and n0 <= n < n1, accumulated in float32 from
+// the weights dequantized to float32 (exact: d q + m and d q are exact float32 values for fp16 d, m and 4- or
+// 8-bit q; for int8 the per-row scale multiplies the row's dot product).  The last block of a row may be partial
+// (K not a multiple of 32); elements at or beyond K are never read from x.
+struct LinearArgs {
+  WeightFormat format;
+  const uint8_t* w;     // row n at w + n * row_bytes
+  int64_t row_bytes;
+  const float* scale;   // (N,) for kI8, else unused
+  int64_t k;            // K
+  const float* x;       // row i at x + i * ldx (K floats)
+  int64_t ldx;
+  int64_t m;            // rows of x
+  const float* bias;    // (N,) or nullptr
+  float* y;             // y[i, n] at y + i * ldy + n
+  int64_t ldy;
+};
+
+namespace avx512 {
+void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);
+}
+namespace avx2 {
+void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);
+}
+namespace scalar {
+void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);
+}
+
+}  // namespace hmt::cpu
