@@ -102,14 +102,22 @@ def default_backbone_folder() -> Path:
     return target
 
 
-def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = torch.float32, attn_implementation=None):
+def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = torch.float32, attn_implementation=None,
+                  weights: str = "fp32"):
     """Load a causal LM and its tokenizer, offline.
 
     name_or_path: "smollm2-135m" (the embedded default, SmolLM2-135M, Llama architecture, d = 576) or a local
     transformers model folder.  Returns ``(backbone, tokenizer)``; the backbone is in eval mode; the tokenizer
-    is None for a folder without tokenizer files.
+    is None for a folder without tokenizer files.  weights: how the decoder's linear layers and LM head store
+    their weights, "fp32" (plain nn.Linear), or "bf16", "int8", "q4" (``hmt_runtime.quant.QuantLinear``, float32
+    activations and accumulation).  For the default backbone "q4" reads the GGUF's own Q4_1 / Q8_0 blocks (lossless
+    against "fp32"); other backbones are quantized at load (``hmt_runtime.quant.quantize_model``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import quant
+
+    quant._check_format(weights, quant.WEIGHT_FORMATS, name="weights")
 
     if name_or_path == DEFAULT_BACKBONE:
         folder = default_backbone_folder()
@@ -128,5 +136,9 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     backbone.eval()
+    if weights != "fp32":
+        gguf = _gguf_folder() / _GGUF_FILE if name_or_path == DEFAULT_BACKBONE else None
+        backbone.hmt_quantized = quant.quantize_model(backbone, weights, gguf=gguf)
+    backbone.hmt_weights = weights
     backbone.hmt_source = name_or_path  # recorded in HMT checkpoints as the backbone's identity
     return backbone, tokenizer
