@@ -56,11 +56,14 @@ def cache_kwargs(body: nn.Module, cache) -> dict:
 
 
 def embedding_width(backbone: nn.Module) -> int:
-    return unwrap(backbone).get_input_embeddings().weight.shape[1]
+    embed = unwrap(backbone).get_input_embeddings()
+    # embedding_dim / num_embeddings: nn.Embedding's, and a quantized lookup's (whose .weight would dequantize)
+    return getattr(embed, "embedding_dim", None) or embed.weight.shape[1]
 
 
 def vocab_size(backbone: nn.Module) -> int:
-    return unwrap(backbone).get_input_embeddings().weight.shape[0]
+    embed = unwrap(backbone).get_input_embeddings()
+    return getattr(embed, "num_embeddings", None) or embed.weight.shape[0]
 
 
 def _gguf_folder() -> Path:
