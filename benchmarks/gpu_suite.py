@@ -647,12 +647,12 @@ class Suite:
 
         cfg = model.config
         prompt_len = min(32, cfg.segment_tokens // 4)
-        steps = min(3 if self.dry else 30, cfg.segment_tokens - prompt_len - 4)
+        steps = min(2 if self.dry else 30, cfg.segment_tokens - prompt_len - 4)
         sched = Scheduler(model, rows=batch, cuda_graphs=graphs)
         prompts = random_ids(batch, prompt_len, model.vocab_size, seed=5).to(model.device)
         for b in range(batch):
             sched.add(prompts[b])
-        for _ in range(3):  # warm-up; with graphs, the step is captured on its third call
+        for _ in range(3 if graphs else 1):  # warm-up; with graphs, the step is captured on its third call
             sched.pick()
             sched.step()
         times = []
