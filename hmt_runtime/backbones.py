@@ -66,6 +66,31 @@ def vocab_size(backbone: nn.Module) -> int:
     return getattr(embed, "num_embeddings", None) or embed.weight.shape[0]
 
 
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def max_learned_positions(backbone: nn.Module) -> int | None:
+    """The number of positions a backbone with a learned position table can embed (GPT-2 ``n_positions``, OPT
+    ``max_position_embeddings``), or None for backbones without one (rotary, ALiBi: no hard limit)."""
+    limits = []
+    for name, module in decoder_body(backbone).named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            limits.append(module.num_embeddings - int(getattr(module, "offset", 0) or 0))  # OPT reserves 2 rows
+    return min(limits) if limits else None
+
+
+def check_window(backbone: nn.Module, config) -> None:
+    """Refuse an HMT window (positions 0 .. W-1 in every segment) longer than a learned-position backbone embeds."""
+    limit = max_learned_positions(backbone)
+    if limit is not None and config.window > limit:
+        kind = getattr(unwrap(backbone).config, "model_type", type(unwrap(backbone)).__name__)
+        raise ValueError(
+            f"config.window={config.window} (segment_tokens {config.segment_tokens} + sensory_tokens "
+            f"{config.sensory_tokens} + 2): expected at most {limit}, the positions this {kind} backbone's learned "
+            f"position table holds; use HMTConfig.from_window({limit}, ...) or a smaller window"
+        )
+
+
 def _gguf_folder() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:

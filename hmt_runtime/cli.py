@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -15,17 +16,57 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (and exit status 2)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def check_output_dir(option: str, path) -> None:
+    """Refuse an output folder that is a file or lies under one, before any work starts."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a file; expected a folder")
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable")
+            break
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (the trained HMT for SmolLM2-135M), an HMT checkpoint folder, "
                              "'smollm2-135m' or a transformers model folder (fresh HMT parameters, warm-started)")
-    parser.add_argument("--window", type=int, default=256, help="backbone window W for a fresh HMT (default 256)")
-    parser.add_argument("--sensory-tokens", type=int, default=32)
-    parser.add_argument("--memory-slots", type=int, default=300)
+    parser.add_argument("--window", type=int_at_least(3), default=256,
+                        help="backbone window W for a fresh HMT (default 256)")
+    parser.add_argument("--sensory-tokens", type=int_at_least(0), default=32)
+    parser.add_argument("--memory-slots", type=int_at_least(1), default=300)
     parser.add_argument("--recall", choices=("paper", "causal"), default="causal",
                         help="recall mode for a fresh HMT (a checkpoint records its own)")
     parser.add_argument("--kernels", choices=("auto", "torch", "triton", "native"), default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="torch CPU threads (default: torch's choice)")
 
 
 def load_model(args):
@@ -35,6 +76,10 @@ def load_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.model
+    if name not in ("default", "smollm2-135m") and not Path(name).is_dir():
+        what = "is a file" if Path(name).exists() else "does not exist"
+        raise FileNotFoundError(f"--model {name!r} {what}; expected 'default', 'smollm2-135m', an HMT checkpoint "
+                                "folder or a transformers model folder")
     if name == "default" and not (DEFAULT_DIR / CONFIG_NAME).is_file():
         print("hmt: no trained default weights installed; using SmolLM2-135M with fresh HMT parameters",
               file=sys.stderr)
@@ -52,6 +97,7 @@ def load_model(args):
 def cmd_generate(args) -> int:
     from .api import generate
     from .segment import ingest
+    from .checks import check_text
 
     if (args.prompt is None) == (args.prompt_file is None):
         print("hmt generate: give exactly one of --prompt TEXT or --prompt-file FILE", file=sys.stderr)
@@ -64,6 +110,11 @@ def cmd_generate(args) -> int:
             return 2
     else:
         text = args.prompt
+    try:
+        check_text(text, "--prompt" if args.prompt is not None else "--prompt-file")
+    except ValueError as err:
+        print(f"hmt generate: {err}", file=sys.stderr)
+        return 2
     if not text.strip():
         print("hmt generate: the prompt is empty", file=sys.stderr)
         return 2
@@ -73,6 +124,8 @@ def cmd_generate(args) -> int:
     started = time.perf_counter()
     model = load_model(args)
     tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model!r} has no tokenizer files; expected a model folder with a tokenizer")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     if args.prompt_tokens:
         ids = ids[:, : args.prompt_tokens]
@@ -92,30 +145,47 @@ def cmd_generate(args) -> int:
         print(f"ingested {n_ingested} tokens in {ingest_s:.1f} s ({n_ingested / ingest_s:.1f} tok/s), "
               f"{int(state.segments_done[0])} segments, memory slots used {min(int(state.written[0]), model.config.memory_slots)}",
               file=sys.stderr)
-    tail = tokenizer.decode(body[0, -200:]) if n_ingested else ""
-    if tail:
-        print(f"...{tail}", end="", flush=True)
+    # the prompt's last 200 tokens, then the new ones, decoded as one text (so nothing of the prompt is lost
+    # and a character split across the boundary prints whole)
+    echo = _Echo(tokenizer, ids[0, -ECHO_TOKENS:].tolist())
+    print(("..." if ids.shape[1] > ECHO_TOKENS else "") + echo.add([]), end="", flush=True)
     prompt = last if last is not None else ids
     t1 = time.perf_counter()
     # the scheduler's decode path; a 1-D id prompt streams lists of new ids
     chunks = generate(model, prompt[0], max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       eos_token_id=tokenizer.eos_token_id, state=state, stream=True)
-    new, shown = [], ""
+    new = []
     for chunk in chunks:
         new.extend(chunk)
         if args.stream:
-            text_so_far = tokenizer.decode(new, skip_special_tokens=True)
-            print(text_so_far[len(shown):], end="", flush=True)
-            shown = text_so_far
+            print(echo.add(chunk), end="", flush=True)
+    print(echo.add([] if args.stream else new, final=True))
     gen_s = time.perf_counter() - t1
-    if not args.stream:
-        print(tokenizer.decode(new, skip_special_tokens=True))
-    else:
-        print()
     print(f"\ngenerated {len(new)} tokens in {gen_s:.1f} s ({len(new) / max(gen_s, 1e-9):.2f} tok/s); "
           f"peak memory {peak_rss_mb():.0f} MiB", file=sys.stderr)
     return 0
+
+
+ECHO_TOKENS = 200  # prompt tokens echoed before the continuation
+
+
+class _Echo:
+    """The growing text of ``ids`` (prompt tail + new tokens): ``add`` returns what is new since the last call,
+    held back while the text ends in a partial character (a byte-level token split)."""
+
+    def __init__(self, tokenizer, ids: list[int]):
+        self.tokenizer, self.ids, self.sent = tokenizer, list(ids), ""
+
+    def add(self, ids, final: bool = False) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
 
 
 def memory_budget(model) -> dict:
@@ -149,13 +219,14 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hmt", description="Hierarchical Memory Transformer runtime")
+    parser = _Parser(prog="hmt", description="Hierarchical Memory Transformer runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="ingest a prompt (any length) and continue it")
     gen.add_argument("--prompt", help="prompt text")
     gen.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file")
-    gen.add_argument("--prompt-tokens", type=int, default=None, help="use only the first N tokens of the prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--prompt-tokens", type=int_at_least(1), default=None,
+                     help="use only the first N (>= 1) tokens of the prompt")
+    gen.add_argument("--max-new-tokens", type=int_at_least(0), default=64)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--do-sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -176,13 +247,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+
+
 def main(argv=None) -> int:
+    """Run the ``hmt`` command.  Every error is one line on stderr and a non-zero exit status (2: bad input or a
+    file problem, 1: anything else, 130: interrupted), never a traceback (``HMT_DEBUG=1`` shows them); a closed
+    output pipe (``| head``) ends the command quietly."""
     args = build_parser().parse_args(argv)
+    command = f"hmt {args.command}"
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"--threads {threads}: expected an integer >= 1")
+        if getattr(args, "output_dir", None) is not None:
+            check_output_dir("--output-dir", args.output_dir)
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"hmt {args.command}: {err}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        # the reader went away (`hmt generate | head`): stop quietly; point stdout at /dev/null so that the
+        # interpreter's final flush does not complain again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141  # as a process ended by SIGPIPE
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("HMT_DEBUG"):
+            raise
+        print(f"{command}: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, TypeError, OSError, KeyError, ImportError)) else 1
 
 
 if __name__ == "__main__":

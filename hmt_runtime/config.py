@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .ops import KERNEL_CHOICES
+from .backend import KERNEL_CHOICES
 
 RECALL_MODES = ("paper", "causal")
 
@@ -88,6 +88,9 @@ class HMTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "HMTConfig":
+        """The config of ``to_dict`` (as a checkpoint's "hmt" section records it); every field is validated."""
+        if not isinstance(data, dict):
+            raise TypeError(f"HMT config: expected a JSON object of fields, got {type(data).__name__}")
         data = dict(data)
         window = data.pop("window", None)
         known = {f.name for f in dataclasses.fields(cls) if f.init}

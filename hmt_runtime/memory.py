@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import staged_file
+from .checks import checksum_metadata, verify_checksums
 
 _TENSORS = (
     "memory", "keys", "written", "sensory_ids", "sensory_len", "segment_ids", "segment_len",
@@ -103,33 +104,143 @@ class MemoryState:
         state.kv = [kv for r in rows for kv in r.kv]
         return state
 
+    def validate(self, config=None, width: int | None = None, vocab_size: int | None = None,
+                 where: str = "state") -> "MemoryState":
+        """Check structure, shapes, ranges and finite values; returns ``self``, raises ValueError (TypeError for a
+        field that is not a tensor) naming ``where`` (a file or "state"), the field and what was expected.
+
+        config: the HMTConfig the state must fit (N, d_h, k, Ls, j); without it the sizes are taken from the
+        state's own buffers.  width: the backbone's embedding width d.  vocab_size: ids must lie in
+        [0, vocab_size).  Checked: every field a tensor of the right kind (float / int64-like / bool) and shape
+        (B, ...) with one B; lengths in [0, buffer size]; counters >= 0; a segment with tokens or a
+        provisional P is started; ids in the vocabulary; memory, keys and recalled finite.
+        """
+        for name in _TENSORS:
+            if not isinstance(getattr(self, name, None), torch.Tensor):
+                value = getattr(self, name, None)
+                raise TypeError(f"{where}: field {name!r} is {type(value).__name__}; expected a torch.Tensor")
+        batch = self.memory.shape[0] if self.memory.dim() else -1
+        if batch < 1:
+            raise ValueError(f"{where}: field 'memory' has shape {tuple(self.memory.shape)}; expected (B, N, d) "
+                             "with B >= 1")
+        slots = config.memory_slots if config is not None else self.memory.shape[1] if self.memory.dim() > 1 else -1
+        dim = config.recall_dim if config is not None else self.keys.shape[-1] if self.keys.dim() == 3 else -1
+        width = width if width is not None else self.memory.shape[-1] if self.memory.dim() == 3 else -1
+        k = config.sensory_tokens if config is not None else self.sensory_ids.shape[-1]
+        ls = config.segment_tokens if config is not None else self.segment_ids.shape[-1]
+        j = config.summary_tokens if config is not None else self.tail_ids.shape[-1]
+        shapes = {
+            "memory": (batch, slots, width), "keys": (batch, slots, dim), "recalled": (batch, width),
+            "sensory_ids": (batch, k), "segment_ids": (batch, ls), "tail_ids": (batch, j),
+        }
+        shapes.update({name: (batch,) for name in _TENSORS if name not in shapes})
+        for name, shape in shapes.items():
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != shape:
+                dims = {"memory": "(B, N, d)", "keys": "(B, N, d_h)", "recalled": "(B, d)", "sensory_ids": "(B, k)",
+                        "segment_ids": "(B, Ls)", "tail_ids": "(B, j)"}.get(name, "(B,)")
+                raise ValueError(f"{where}: field {name!r} has shape {tuple(tensor.shape)}; expected {dims} = {shape}")
+            if name in ("memory", "keys", "recalled"):
+                if not tensor.is_floating_point():
+                    raise ValueError(f"{where}: field {name!r} has dtype {tensor.dtype}; expected a floating dtype")
+            elif name in ("provisional", "started"):
+                if tensor.dtype != torch.bool:
+                    raise ValueError(f"{where}: field {name!r} has dtype {tensor.dtype}; expected torch.bool")
+            elif tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                raise ValueError(f"{where}: field {name!r} has dtype {tensor.dtype}; expected an integer dtype "
+                                 "(torch.long)")
+        limits = {"written": None, "segments_done": None, "sensory_len": k, "segment_len": ls, "tail_len": j}
+        for name, high in limits.items():
+            tensor = getattr(self, name)
+            low_v, high_v = int(tensor.min()), int(tensor.max())
+            if low_v < 0 or (high is not None and high_v > high):
+                bad = low_v if low_v < 0 else high_v
+                expected = f"[0, {high}]" if high is not None else ">= 0"
+                raise ValueError(f"{where}: field {name!r} holds {bad}; expected values in {expected}")
+        for name in ("segment_len", "provisional"):
+            pending = getattr(self, name).bool() & ~self.started
+            if bool(pending.any()):
+                row = int(pending.nonzero()[0, 0])
+                raise ValueError(f"{where}: row {row} has {name}={getattr(self, name)[row].item()} but started=False; "
+                                 "expected a started segment")
+        for name in ("sensory_ids", "segment_ids", "tail_ids"):
+            tensor = getattr(self, name)
+            if tensor.numel():
+                low_v, high_v = int(tensor.min()), int(tensor.max())
+                if low_v < 0 or (vocab_size is not None and high_v >= vocab_size):
+                    bad = low_v if low_v < 0 else high_v
+                    expected = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                    raise ValueError(f"{where}: field {name!r} holds token id {bad}; expected ids in {expected}")
+        for name in ("memory", "keys", "recalled"):
+            tensor = getattr(self, name)
+            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}: field {name!r} holds NaN or infinite values; expected finite values")
+        return self
+
     def save(self, path: str | os.PathLike, config=None) -> None:
-        """Write the state to a safetensors file atomically (a failed save leaves an existing file intact)."""
+        """Write the state to a safetensors file atomically (a failed save leaves an existing file intact).
+
+        The file records a sha256 checksum of every tensor (checked by ``load``) and, with ``config``, the
+        HMTConfig it was made for."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path={path!r}: expected a file path (str or os.PathLike)")
         path = os.fspath(path)
-        meta = {"format": "hmt-memory-state", "version": "1"}
+        if not str(path).strip():
+            raise ValueError(f"path={path!r}: expected a file path, got an empty string")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"path={path!r} is a folder; expected a file path for the memory state")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"path={path!r}: the folder {folder!r} does not exist")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        meta = {"format": "hmt-memory-state", "version": "1", **checksum_metadata(tensors)}
         if config is not None:
             meta["hmt_config"] = json.dumps(config.to_dict())
         with staged_file(path) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}, tmp, metadata=meta)
+            save_file(tensors, tmp, metadata=meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, config=None, device=None) -> "MemoryState":
-        """Read a state written by ``save``; with ``config``, check it was made for the same sizes."""
+    def load(cls, path: str | os.PathLike, config=None, device=None, width: int | None = None,
+             vocab_size: int | None = None) -> "MemoryState":
+        """Read a state written by ``save`` and ``validate`` it (with ``config``, ``width`` and ``vocab_size``
+        when given: the sizes of the model it will be used with; a state saved with another HMT config is
+        refused).  Raises FileNotFoundError, IsADirectoryError or ValueError naming the file and the field."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path={path!r}: expected a file path (str or os.PathLike)")
         path = os.fspath(path)
+        if not str(path).strip():
+            raise ValueError(f"path={path!r}: expected a file path, got an empty string")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"MemoryState.load({path!r}): is a folder; expected a file written by "
+                                    "MemoryState.save")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"MemoryState.load({path!r}): no such file")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != "hmt-memory-state":
-                    raise ValueError("not an HMT memory state")
+                    raise ValueError("its metadata has no format 'hmt-memory-state'")
+                present = set(f.keys())
+                missing = [name for name in _TENSORS if name not in present]
+                if missing:
+                    raise ValueError(f"fields {missing} are missing")
                 tensors = {name: f.get_tensor(name) for name in _TENSORS}
-        except FileNotFoundError:
-            raise
         except Exception as err:  # safetensors raises several error types for a file that is not one
             raise ValueError(f"{path!r} is not an HMT memory state file ({err})") from err
+        verify_checksums(path, tensors, meta)
         if config is not None and "hmt_config" in meta:
-            saved = json.loads(meta["hmt_config"])
+            try:
+                saved = json.loads(meta["hmt_config"])
+            except ValueError as err:
+                raise ValueError(f"{path!r}: metadata field 'hmt_config' is damaged ({err})") from None
+            if not isinstance(saved, dict):
+                raise ValueError(f"{path!r}: metadata field 'hmt_config' is not a JSON object")
             ours = config.to_dict()
             diff = {k: (saved.get(k), ours[k]) for k in ours if k != "kernels" and saved.get(k) != ours[k]}
             if diff:
                 raise ValueError(f"memory state {path!r} was made with another HMT config: {diff} (saved, this model)")
-        return cls(**{k: (v.to(device) if device is not None else v) for k, v in tensors.items()})
+        state = cls(**tensors)
+        state.validate(config, width=width, vocab_size=vocab_size, where=repr(path))
+        if device is not None:
+            state = cls(**{k: v.to(device) for k, v in tensors.items()})
+        return state

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
 from . import backbones
+from . import atomic
 from .atomic import staged_dir
+from .checks import check_finite, checksum_metadata, verify_checksums
 from .config import HMTConfig
 from .ops import TORCH_OPS, Ops, resolve_ops
 
@@ -28,6 +32,7 @@ WEIGHTS_NAME = "hmt.safetensors"
 ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 FORMAT = "hmt-checkpoint"
+CHECKPOINT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BACKBONE_DIR)  # what a checkpoint folder holds
 DEFAULT_DIR = Path(__file__).parent / "weights" / "default"
 
 
@@ -67,6 +72,37 @@ def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> torc
     return input_ids.long()
 
 
+def _check_labels(labels, shape, vocab_size: int) -> None:
+    """labels: an integer tensor of ``shape`` with ids in [0, vocab_size) or -100 (ignored positions)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor of shape {tuple(shape)}, got {type(labels).__name__}")
+    if labels.shape != shape:
+        raise ValueError(f"labels: expected a tensor of shape {tuple(shape)} (that of input_ids), got "
+                         f"{tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer tensor (torch.long), got dtype {labels.dtype}")
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        at = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"labels: id {int(labels[at])} at position {at} is outside the vocabulary [0, {vocab_size}); "
+                         "expected token ids or -100 (ignored)")
+
+
+def _check_attention_mask(mask, shape) -> None:
+    """attention_mask: a tensor of ``shape`` holding only 0 and 1 (bool, integer or float)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor of shape {tuple(shape)}, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask: expected a tensor of shape {tuple(shape)} (that of input_ids), got "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            at = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"attention_mask: value {mask[at].item()!r} at position {at}; expected only 0 (padding) "
+                             "and 1 (real token)")
+
+
 class HMTModel(nn.Module):
     """Hierarchical Memory Transformer around ``backbone`` (any transformers causal LM).
 
@@ -81,6 +117,7 @@ class HMTModel(nn.Module):
         inner = backbones.unwrap(backbone)
         if not hasattr(inner, "get_input_embeddings") or not hasattr(inner, "base_model"):
             raise TypeError(f"backbone: expected a transformers causal LM, got {type(backbone).__name__}")
+        backbones.check_window(inner, config)
         self.backbone = backbone
         self.config = config
         self.tokenizer = tokenizer
@@ -237,12 +274,10 @@ class HMTModel(nn.Module):
         input_ids = check_input_ids(input_ids, self.vocab_size)
         if loss_on not in ("last_segment", "all"):
             raise ValueError(f"loss_on={loss_on!r}: expected 'last_segment' or 'all'")
-        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
-            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels: expected a tensor of shape {tuple(input_ids.shape)}, got {shape}")
+        if labels is not None:
+            _check_labels(labels, input_ids.shape, self.vocab_size)
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}")
+            _check_attention_mask(attention_mask, input_ids.shape)
             lengths = attention_mask.long().sum(dim=1)
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             if not torch.equal(attention_mask.long().bool(), positions < lengths[:, None]):
@@ -321,13 +356,24 @@ class HMTModel(nn.Module):
         }
 
     def save_pretrained(self, save_directory, save_backbone: bool = False) -> None:
-        """Write ``hmt.safetensors`` (T, M_init, W_q, W_k), ``hmt_config.json`` (HMT config, recall mode,
-        backbone identity), the LoRA adapter if the backbone is a peft model, and with ``save_backbone`` the
-        whole backbone and tokenizer.  The directory is written beside the target and swapped in, so a failed
-        save never damages an existing checkpoint."""
-        with staged_dir(save_directory) as tmp:
-            tensors = {k: v.contiguous().cpu() for k, v in self.hmt_state_dict().items()}
-            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        """Write ``hmt.safetensors`` (T, M_init, W_q, W_k, with a sha256 checksum of each in its metadata),
+        ``hmt_config.json`` (HMT config, recall mode, backbone identity), the LoRA adapter if the backbone is a
+        peft model, and with ``save_backbone`` the whole backbone and tokenizer.
+
+        The folder is written beside the target and renamed into place (``hmt_runtime.atomic``): a failed or
+        killed save leaves the previous checkpoint loadable.  A target folder holding files that are not a
+        checkpoint's is refused (FileExistsError naming them; nothing is deleted), as is a target that is a file.
+        Parameters holding NaN or infinity are refused (ValueError) so that they never replace a good checkpoint.
+        """
+        if not isinstance(save_backbone, bool):
+            raise TypeError(f"save_backbone={save_backbone!r}: expected True or False")
+        tensors = {k: v.contiguous().cpu() for k, v in self.hmt_state_dict().items()}
+        for name, value in tensors.items():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"save_pretrained: parameter {name!r} holds NaN or infinite values; a diverged "
+                                 "model is not saved (an existing checkpoint is left as it was)")
+        with staged_dir(save_directory, owned=CHECKPOINT_ENTRIES, what="save_directory") as tmp:
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": FORMAT, **checksum_metadata(tensors)})
             identity = self.backbone_identity()
             meta = {"format": FORMAT, "version": 1, "hmt": self.config.to_dict(), "backbone": identity,
                     "dtype": str(self.dtype).replace("torch.", "")}
@@ -344,34 +390,76 @@ class HMTModel(nn.Module):
 
     @staticmethod
     def read_checkpoint_config(directory) -> dict:
-        path = Path(directory) / CONFIG_NAME
+        """The validated ``hmt_config.json`` of a checkpoint folder (an interrupted save there is recovered
+        first).  Raises FileNotFoundError when it is missing, ValueError naming the file and field when damaged."""
+        directory = atomic.recover(_checkpoint_path(directory))
+        path = directory / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{str(directory)!r} is not an HMT checkpoint: {CONFIG_NAME} is missing")
+            what = "does not exist" if not directory.exists() else f"{CONFIG_NAME} is missing"
+            raise FileNotFoundError(f"{str(directory)!r} is not an HMT checkpoint: {what}")
         try:
-            meta = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{str(path)!r} is not an HMT checkpoint config: {err}") from err
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not an HMT checkpoint config (format field missing or wrong)")
+            raise ValueError(f"{str(path)!r} is not an HMT checkpoint config (format field missing or wrong; "
+                             f"expected \"format\": {FORMAT!r})")
+        version = meta.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version > 1 or version < 1:
+            raise ValueError(f"{str(path)!r}: field \"version\" is {version!r}; expected 1 (a newer version of this "
+                             "package writes other versions)")
+        if not isinstance(meta.get("hmt"), dict):
+            found = "missing" if "hmt" not in meta else f"a {type(meta['hmt']).__name__}"
+            raise ValueError(f"{str(path)!r}: field \"hmt\" (the HMT config) is {found}; expected an object with "
+                             f"the HMTConfig fields")
+        identity = meta.get("backbone", {})
+        if not isinstance(identity, dict):
+            raise ValueError(f"{str(path)!r}: field \"backbone\" is a {type(identity).__name__}; expected an object")
+        for key in ("width", "vocab_size"):
+            value = identity.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{str(path)!r}: field \"backbone.{key}\" is {value!r}; expected an integer >= 1")
+        if identity.get("source") is not None and not isinstance(identity["source"], str):
+            raise ValueError(f"{str(path)!r}: field \"backbone.source\" is {identity['source']!r}; expected a string")
+        for key in ("adapter", "backbone_dir"):
+            value = meta.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value or Path(value).name != value or value in (".", ".."):
+                raise ValueError(f"{str(path)!r}: field \"{key}\" is {value!r}; expected the name of a folder "
+                                 "inside the checkpoint")
+            if not (directory / value).is_dir():
+                raise FileNotFoundError(f"{str(directory)!r}: the folder {value!r} named by field \"{key}\" of "
+                                        f"{CONFIG_NAME} is missing")
         return meta
 
     def load_hmt_weights(self, directory) -> None:
-        path = Path(directory) / WEIGHTS_NAME
+        """Load T, M_init, W_q, W_k from ``directory/hmt.safetensors``: names, shapes, finite values and (when
+        recorded) the sha256 checksum of each tensor are checked; errors name the file and the tensor."""
+        directory = atomic.recover(_checkpoint_path(directory))
+        path = directory / WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} is not an HMT checkpoint: {WEIGHTS_NAME} is missing")
         try:
-            tensors = load_file(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{str(directory)!r} is not an HMT checkpoint: {WEIGHTS_NAME} is missing") from None
-        except Exception as err:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as err:  # safetensors raises several error types for a damaged file
             raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from err
         expected = self.hmt_state_dict()
         if set(tensors) != set(expected):
-            raise ValueError(f"{str(path)!r} holds {sorted(tensors)}; expected {sorted(expected)}")
+            raise ValueError(f"{str(path)!r} holds tensors {sorted(tensors)}; expected {sorted(expected)}")
         for name, value in tensors.items():
+            if not value.is_floating_point():
+                raise ValueError(f"{str(path)!r}: tensor {name!r} has dtype {value.dtype}; expected a floating dtype")
             if value.shape != expected[name].shape:
                 raise ValueError(
-                    f"checkpoint tensor {name} has shape {tuple(value.shape)} but this model needs "
+                    f"{str(path)!r}: tensor {name!r} has shape {tuple(value.shape)} but this model needs "
                     f"{tuple(expected[name].shape)}: the checkpoint was made for another backbone width or recall_dim"
                 )
+        verify_checksums(path, tensors, metadata)
+        for name, value in tensors.items():
+            check_finite(path, name, value)
         with torch.no_grad():
             for name, value in tensors.items():
                 expected[name].copy_(value)
@@ -380,12 +468,26 @@ class HMTModel(nn.Module):
     def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,
                         dtype: torch.dtype | None = None):
         """Load a checkpoint written by ``save_pretrained``; "default" is the trained HMT shipped for
-        SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline)."""
-        directory = DEFAULT_DIR if name_or_path == "default" else Path(name_or_path)
-        if name_or_path == "default" and not (directory / CONFIG_NAME).is_file():
-            raise FileNotFoundError("the default HMT weights are not installed with this package")
+        SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline).
+
+        Everything read is validated (``read_checkpoint_config``, ``load_hmt_weights``; the adapter's weights
+        must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.atomic``).
+        """
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype={dtype!r}: expected None or a torch.dtype (e.g. torch.bfloat16)")
+        if kernels is not None and not isinstance(kernels, str):
+            raise TypeError(f"kernels={kernels!r}: expected None or one of 'auto', 'torch', 'triton', 'native'")
+        if name_or_path == "default":
+            directory = DEFAULT_DIR
+            if not (directory / CONFIG_NAME).is_file():
+                raise FileNotFoundError("the default HMT weights are not installed with this package")
+        else:
+            directory = atomic.recover(_checkpoint_path(name_or_path, "name_or_path"))
         meta = cls.read_checkpoint_config(directory)
-        config = HMTConfig.from_dict(meta["hmt"])
+        try:
+            config = HMTConfig.from_dict(meta["hmt"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{str(directory / CONFIG_NAME)!r}: field \"hmt\": {err}") from None
         if kernels is not None:
             config.kernels = kernels
             config.__post_init__()
@@ -409,12 +511,34 @@ class HMTModel(nn.Module):
             from peft import PeftModel
 
             source = getattr(backbone, "hmt_source", None)
-            backbone = PeftModel.from_pretrained(backbone, directory / meta["adapter"])
+            adapter = directory / meta["adapter"]
+            try:
+                backbone = PeftModel.from_pretrained(backbone, adapter)
+            except Exception as err:  # peft and safetensors raise many error types for a damaged adapter
+                raise ValueError(f"{str(adapter)!r}: the LoRA adapter cannot be loaded ({type(err).__name__}: "
+                                 f"{err})") from err
+            for name, param in backbone.named_parameters():
+                if "lora_" in name:
+                    check_finite(adapter, name, param.detach())
             backbone.hmt_source = source
         model = cls(backbone, config, tokenizer=tokenizer)
         model.load_hmt_weights(directory)
         model.eval()
         return model
+
+
+def _checkpoint_path(value, name: str = "directory") -> Path:
+    """A checkpoint folder argument as a Path; clear errors for None, other types and an empty string."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}={value!r}: expected 'default' or a checkpoint folder path (str or os.PathLike)")
+    raw = os.fspath(value)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if not raw.strip():
+        raise ValueError(f"{name}={raw!r}: expected 'default' or a checkpoint folder path, got an empty string")
+    return Path(raw)
 
 
 def _record_adapter_base(adapter_dir: Path, source: str | None) -> None:

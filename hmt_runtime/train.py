@@ -35,7 +35,7 @@ from torch import nn
 from . import backbones
 from .config import HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
-from .atomic import staged_dir
+from .atomic import recover, staged_dir
 from .model import HMTModel, shifted_cross_entropy
 
 MODES = ("full", "frozen", "lora")
@@ -45,6 +45,7 @@ FINAL_DIR = "final"
 STATE_NAME = "trainer_state.pt"
 MODEL_DIR = "model"
 STATE_FORMAT = "hmt-trainer-state"
+CHECKPOINT_ENTRIES = (MODEL_DIR, STATE_NAME)  # what a training checkpoint folder holds
 
 
 @dataclass
@@ -234,8 +235,9 @@ def _trainable(model: HMTModel) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path, model, optimizer, scheduler, samplers, step, config: TrainConfig) -> None:
-    """Write a resumable checkpoint to ``path`` atomically (beside it, then swapped in)."""
-    with staged_dir(path) as tmp:
+    """Write a resumable checkpoint to ``path`` atomically (beside it, then swapped in; ``hmt_runtime.atomic``):
+    a failed or killed save leaves the previous checkpoint loadable, and a folder holding other files is refused."""
+    with staged_dir(path, owned=CHECKPOINT_ENTRIES, what="checkpoint folder") as tmp:
         model.save_pretrained(tmp / MODEL_DIR, save_backbone=config.mode == "full")
         state = {
             "format": STATE_FORMAT,
@@ -252,13 +254,28 @@ def save_checkpoint(path, model, optimizer, scheduler, samplers, step, config: T
         torch.save(state, tmp / STATE_NAME)
 
 
+# key: (expected type(s), what it is) of a trainer state
+_STATE_FIELDS = {
+    "step": (int, "the number of optimizer steps done (an integer >= 0)"),
+    "trainable": (dict, "the trainable tensors by name"),
+    "optimizer": (dict, "the optimizer's state_dict"),
+    "scheduler": (dict, "the learning-rate scheduler's state_dict"),
+    "rng": (dict, "the random number generator states"),
+    "samplers": (list, "the data samplers' states"),
+    "train_config": (str, "the TrainConfig as JSON"),
+    "hmt_config": (str, "the HMTConfig as JSON"),
+    "backbone": (str, "the backbone identity as JSON"),
+}
+
+
 def load_checkpoint_state(path) -> dict:
-    """Read ``trainer_state.pt`` of a checkpoint folder; clear errors for a missing or damaged one."""
-    folder = Path(path)
+    """Read and validate ``trainer_state.pt`` of a checkpoint folder (a save interrupted there is recovered
+    first).  Clear errors, naming the file and the field, for a missing, damaged or incomplete one."""
+    folder = recover(Path(path))
     file = folder / STATE_NAME
     if not file.is_file():
         raise FileNotFoundError(
-            f"resume: no training checkpoint at {str(folder)!r} ({STATE_NAME} is missing); expected a folder "
+            f"resume: no training checkpoint at {str(path)!r} ({STATE_NAME} is missing); expected a folder "
             "written by a previous run, or start without resume"
         )
     try:
@@ -267,6 +284,39 @@ def load_checkpoint_state(path) -> dict:
         raise ValueError(f"resume: checkpoint {str(file)!r} is corrupted or not a trainer state ({err})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"resume: {str(file)!r} is not an HMT trainer state (format field missing or wrong)")
+    for key, (kind, meaning) in _STATE_FIELDS.items():
+        if key not in state:
+            raise ValueError(f"resume: {str(file)!r} has no field {key!r} ({meaning}); the checkpoint is incomplete "
+                             "or was written by another program")
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"resume: {str(file)!r}: field {key!r} is a {type(value).__name__}; expected {meaning}")
+    if state["step"] < 0:
+        raise ValueError(f"resume: {str(file)!r}: field 'step' is {state['step']}; expected an integer >= 0")
+    for key in ("train_config", "hmt_config", "backbone"):
+        try:
+            decoded = json.loads(state[key])
+        except ValueError as err:
+            raise ValueError(f"resume: {str(file)!r}: field {key!r} is not valid JSON ({err})") from None
+        if not isinstance(decoded, dict):
+            raise ValueError(f"resume: {str(file)!r}: field {key!r} is not a JSON object")
+    for name, value in state["trainable"].items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"resume: {str(file)!r}: field 'trainable' entry {name!r} is a "
+                             f"{type(value).__name__}; expected a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"resume: {str(file)!r}: trainable tensor {name!r} holds NaN or infinite values; "
+                             "expected finite values")
+    for key in ("state", "param_groups"):
+        if key not in state["optimizer"]:
+            raise ValueError(f"resume: {str(file)!r}: field 'optimizer' has no {key!r}; expected an optimizer "
+                             "state_dict")
+    rng = state["rng"]
+    if not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng:
+        raise ValueError(f"resume: {str(file)!r}: field 'rng' lacks 'torch' (a tensor) or 'python'; expected the "
+                         "random number generator states")
+    if not all(isinstance(s, dict) for s in state["samplers"]):
+        raise ValueError(f"resume: {str(file)!r}: field 'samplers' holds a non-dict entry; expected sampler states")
     return state
 
 
@@ -293,6 +343,34 @@ def _check_compatible(state: dict, model: HMTModel, config: TrainConfig, path) -
         if value.shape != trainable[name].shape:
             raise ValueError(f"resume: checkpoint tensor {name} has shape {tuple(value.shape)}, this model needs "
                              f"{tuple(trainable[name].shape)}")
+    if len(state["samplers"]) != 2:
+        raise ValueError(f"resume: checkpoint {str(path)!r}: field 'samplers' holds {len(state['samplers'])} "
+                         "sampler states; expected 2 (one per training stage)")
+
+
+def _restore(state: dict, model: HMTModel, optimizer, scheduler, samplers, path) -> int:
+    """Load a validated trainer state into the run; returns its step.  Errors name the checkpoint and field."""
+    with torch.no_grad():
+        for name, param in _trainable(model).items():
+            param.copy_(state["trainable"][name].to(param.device))
+    for key, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        try:
+            target.load_state_dict(state[key])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
+            raise ValueError(f"resume: checkpoint {str(path)!r}: field {key!r} does not fit this run "
+                             f"({type(err).__name__}: {err})") from None
+    for index, (sampler, saved) in enumerate(zip(samplers, state["samplers"])):
+        try:
+            sampler.load_state_dict(saved)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"resume: checkpoint {str(path)!r}: field 'samplers'[{index}] does not fit this run "
+                             f"({type(err).__name__}: {err})") from None
+    try:
+        _set_rng_state(state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(f"resume: checkpoint {str(path)!r}: field 'rng' is damaged ({type(err).__name__}: "
+                         f"{err})") from None
+    return int(state["step"])
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -330,7 +408,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
     if resume:
         resume_dir = ckpt_dir if resume is True else Path(resume)
         state = load_checkpoint_state(resume_dir)  # fails before any work when missing or damaged
-    elif (ckpt_dir / STATE_NAME).exists() and not overwrite:
+    elif (recover(ckpt_dir) / STATE_NAME).exists() and not overwrite:
         raise ValueError(
             f"output_dir={str(out_dir)!r} already holds a checkpoint; pass resume=True (--resume) to continue it "
             "or overwrite=True (--overwrite) to start over"
@@ -366,15 +444,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
     step = 0
     if resume_dir is not None:
         _check_compatible(state, model, config, resume_dir)
-        with torch.no_grad():
-            for name, param in _trainable(model).items():
-                param.copy_(state["trainable"][name].to(param.device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for sampler, saved in zip(samplers, state["samplers"]):
-            sampler.load_state_dict(saved)
-        _set_rng_state(state["rng"])
-        step = int(state["step"])
+        step = _restore(state, model, optimizer, scheduler, samplers, resume_dir)
         del state
 
     objective = LastSegmentLoss(model)

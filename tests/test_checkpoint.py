@@ -127,3 +127,25 @@ def test_saved_files_follow_the_umask_and_adapter_records_portable_base(tmp_path
     assert (tmp_path / "ckpt" / WEIGHTS_NAME).stat().st_mode & 0o777 == 0o644
     adapter = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "some-backbone"
+
+
+def test_checkpoint_records_checksums_and_its_own_files(tmp_path):
+    from safetensors import safe_open
+
+    from hmt_runtime.atomic import MARKER
+    from hmt_runtime.checks import tensor_digest
+
+    model = make_model("llama", "causal")
+    model.save_pretrained(tmp_path / "ckpt")
+    with safe_open(tmp_path / "ckpt" / WEIGHTS_NAME, framework="pt") as f:
+        sums = json.loads(f.metadata()["sha256"])
+        assert set(sums) == set(model.hmt_state_dict())
+        assert all(sums[name] == tensor_digest(f.get_tensor(name)) for name in sums)
+    marker = json.loads((tmp_path / "ckpt" / MARKER).read_text())
+    assert marker["complete"] and marker["files"] == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    # saving again replaces it (its own files), and leaves nothing beside it
+    model.save_pretrained(tmp_path / "ckpt", save_backbone=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (tmp_path / "ckpt" / "backbone" / "config.json").is_file()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "backbone").exists()

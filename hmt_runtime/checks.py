@@ -1,0 +1,102 @@
+"""Checks of values that come from users or from files: EOS ids, prompt text, tensor checksums and finiteness.
+
+Every error names the argument (or the file and field), the value received and what was expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+
+import torch
+
+CHECKSUM_KEY = "sha256"  # safetensors metadata: JSON {tensor name: sha256 hex of its bytes}
+
+
+def check_eos_token_id(eos_token_id, vocab_size: int | None = None, name: str = "eos_token_id") -> set[int]:
+    """``eos_token_id``: None, an int, or a list / tuple / set / 1-D integer tensor of ints, each in
+    [0, vocab_size) -> the set of EOS ids (empty for None).  A string, a float or a bool is refused (a string
+    such as "61" is not read as its characters)."""
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.is_floating_point() or eos_token_id.is_complex() or eos_token_id.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integer ids, got a tensor of dtype {eos_token_id.dtype}")
+        if eos_token_id.dim() > 1:
+            raise ValueError(f"{name}: expected an id or a 1-D list of ids, got shape {tuple(eos_token_id.shape)}")
+        values = eos_token_id.reshape(-1).tolist()
+    elif _is_int(eos_token_id):
+        values = [eos_token_id]
+    elif isinstance(eos_token_id, (list, tuple, set, frozenset)):
+        values = list(eos_token_id)
+        bad = [v for v in values if not _is_int(v)]
+        if bad:
+            bad = bad[0]
+            raise TypeError(f"{name}={eos_token_id!r}: expected a list of integer ids, found {bad!r}")
+    else:
+        raise TypeError(f"{name}={eos_token_id!r}: expected None, an integer id or a list of integer ids, "
+                        f"got {type(eos_token_id).__name__}")
+    ids = {int(v) for v in values}
+    for value in sorted(ids):
+        if value < 0 or (vocab_size is not None and value >= vocab_size):
+            limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"{name}={eos_token_id!r}: id {value} is outside the vocabulary {limit}")
+    return ids
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_text(text, name: str = "prompt") -> str:
+    """A prompt string that can be encoded as UTF-8 (refuses lone surrogates, e.g. from undecodable bytes)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{name}: not valid Unicode text: character {text[err.start]!r} at position {err.start} is a lone "
+            "surrogate (expected UTF-8 text; undecodable input bytes produce these)"
+        ) from None
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ tensor files
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 hex of the tensor's bytes (row-major, in its own dtype), as safetensors stores them."""
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def checksum_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Metadata entry recording a checksum of every tensor (merged into a safetensors file's metadata)."""
+    return {CHECKSUM_KEY: json.dumps({name: tensor_digest(t) for name, t in sorted(tensors.items())})}
+
+
+def verify_checksums(path, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
+    """Compare ``tensors`` read from ``path`` with the checksums of its metadata; files written without
+    checksums (older versions) pass.  Raises ValueError naming the file and the tensor."""
+    recorded = (metadata or {}).get(CHECKSUM_KEY)
+    if recorded is None:
+        return
+    try:
+        sums = json.loads(recorded)
+        if not isinstance(sums, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: metadata field {CHECKSUM_KEY!r} is damaged ({err})") from None
+    for name, tensor in tensors.items():
+        if name not in sums:
+            raise ValueError(f"{str(path)!r}: tensor {name!r} has no recorded checksum; the file was altered")
+        if tensor_digest(tensor) != sums[name]:
+            raise ValueError(f"{str(path)!r}: tensor {name!r} does not match its recorded sha256 checksum; the "
+                             "file is damaged (restore it from a copy or save it again)")
+
+
+def check_finite(path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse NaN or infinite values in a floating tensor ``name`` read from ``path``."""
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{str(path)!r}: tensor {name!r} holds {bad} NaN or infinite value(s); expected finite "
+                         "values (the file is damaged or was saved from a diverged model)")
