@@ -44,3 +44,24 @@ def test_cli_generate_and_info(default, capsys):
     assert main(["info", "--model", "smollm2-135m"]) == 0
     assert "kv_cache" in capsys.readouterr().out
     assert main(["generate", "--prompt", "   ", "--model", "smollm2-135m"]) == 2
+
+
+def test_shipped_default_runs_on_the_lean_engine_with_the_peft_models_tokens():
+    """The shipped default (a peft LoRA model) decodes on the lean engine (adapters merged into the engine's own
+    copy of the weights) with the greedy tokens of the peft model's own forward (the transformers engine), on
+    real text across a segment boundary."""
+    import hmt_runtime
+    from hmt_runtime.scheduler import Scheduler
+
+    model = HMTModel.from_pretrained("default", kernels="torch")
+    assert hasattr(model.backbone, "peft_config") and Scheduler(model).engine.name == "lean"
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "data" / "austen" / "persuasion.txt").read_text(encoding="utf-8")[20000:22000]
+    ids = model.tokenizer(text, add_special_tokens=False).input_ids[:200]  # the 222-token segment closes mid-run
+    new = 48
+    lean = hmt_runtime.generate(model, [ids], max_new_tokens=new)[0]
+    peft = hmt_runtime.generate(model, [ids], max_new_tokens=new, engine="transformers")[0]
+    assert lean == peft
+    assert model.generate(torch.tensor([ids]), max_new_tokens=new)[0].tolist() == lean
