@@ -15,7 +15,7 @@
 
 #include "../linear_isa.h"
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -59,7 +59,7 @@ HMT_K_INLINE vf loadf(const float* p) { return load_bytes<vf>(p); }
 
 HMT_K_INLINE vf splat(float a) {
   const vf zero = {};
-  return zero + a;
+  return a - zero;  // broadcasts; a - 0 is a for every a (unlike 0 + a for -0), so no add is emitted
 }
 
 HMT_K_INLINE float hsum(vf v) {
@@ -102,6 +102,38 @@ HMT_K_INLINE float half_to_float(uint16_t h) {
 
 HMT_K_INLINE float read_half(const uint8_t* p) { return half_to_float(load_bytes<uint16_t>(p)); }
 
+// Widening loads of W integers (GCC turns __builtin_convertvector from bytes into element-wise inserts, so the
+// x86 builds use the pmovzx / pmovsx instructions).
+HMT_K_INLINE vi widen_u8(const uint8_t* p) {
+#if HMT_VEC_FLOATS == 16 && defined(__AVX512F__)
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif HMT_VEC_FLOATS == 8 && defined(__AVX2__)
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  return __builtin_convertvector(load_bytes<vu8>(p), vi);
+#endif
+}
+
+HMT_K_INLINE vi widen_s8(const uint8_t* p) {
+#if HMT_VEC_FLOATS == 16 && defined(__AVX512F__)
+  return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif HMT_VEC_FLOATS == 8 && defined(__AVX2__)
+  return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  return __builtin_convertvector(load_bytes<vs8>(p), vi);
+#endif
+}
+
+HMT_K_INLINE vu32 widen_u16(const uint8_t* p) {
+#if HMT_VEC_FLOATS == 16 && defined(__AVX512F__)
+  return (vu32)_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif HMT_VEC_FLOATS == 8 && defined(__AVX2__)
+  return (vu32)_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  return __builtin_convertvector(load_bytes<vu16>(p), vu32);
+#endif
+}
+
 // ---- formats: dense ones give vector `load(row, k)` (elements k .. k + W) and scalar `at(row, k)` -----------
 
 struct F32 {
@@ -113,7 +145,7 @@ struct F32 {
 struct BF16 {
   static constexpr bool kBlocked = false;
   static HMT_K_INLINE vf load(const uint8_t* row, int64_t k) {
-    const vu32 wide = __builtin_convertvector(load_bytes<vu16>(row + 2 * k), vu32) << 16;
+    const vu32 wide = widen_u16(row + 2 * k) << 16;
     return (vf)wide;
   }
   static HMT_K_INLINE float at(const uint8_t* row, int64_t k) {
@@ -127,7 +159,7 @@ struct BF16 {
 struct I8 {  // the row's scale is applied to the finished dot product
   static constexpr bool kBlocked = false;
   static HMT_K_INLINE vf load(const uint8_t* row, int64_t k) {
-    return __builtin_convertvector(__builtin_convertvector(load_bytes<vs8>(row + k), vi), vf);
+    return __builtin_convertvector(widen_s8(row + k), vf);
   }
   static HMT_K_INLINE float at(const uint8_t* row, int64_t k) {
     return static_cast<float>(static_cast<int8_t>(row[k]));
@@ -146,7 +178,7 @@ struct Q4_1 {
   static HMT_K_INLINE vf piece(const uint8_t* block, int p, vf d, vf m) {
     constexpr int kLow = 16 / W;  // pieces taken from the low nibbles
     const int byte0 = (p < kLow ? p : p - kLow) * W;
-    const vi bytes = __builtin_convertvector(load_bytes<vu8>(block + 4 + byte0), vi);
+    const vi bytes = widen_u8(block + 4 + byte0);
     const vi q = p < kLow ? (bytes & 15) : (bytes >> 4);
     return __builtin_convertvector(q, vf) * d + m;  // d q is exact, so this rounds once (as an FMA would)
   }
@@ -165,7 +197,7 @@ struct Q8_0 {
     m = 0.0f;
   }
   static HMT_K_INLINE vf piece(const uint8_t* block, int p, vf d, vf) {
-    const vi q = __builtin_convertvector(load_bytes<vs8>(block + 2 + p * W), vi);
+    const vi q = widen_s8(block + 2 + p * W);
     return __builtin_convertvector(q, vf) * d;  // exact
   }
   static HMT_K_INLINE float element(const uint8_t* block, int t) {
