@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the model, its config and its memory budget")
     add_model_arguments(info)
     info.set_defaults(func=cmd_info)
-    for module, hook in (("train", "add_train_parser"), ("evaluate", "add_eval_parser")):
+    for module, hook in (("train", "add_train_parser"), ("evaluate", "add_eval_parser"), ("corpus", "add_data_parser")):
         try:
             mod = __import__(f"hmt_runtime.{module}", fromlist=[hook])
         except ImportError:
