@@ -218,6 +218,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .backbones import cache_dir
+    from .server import serve
+
+    if args.port > 65535:
+        raise ValueError(f"--port {args.port}: expected a port number in [0, 65535]")
+    memory_dir = Path(args.memory_dir) if args.memory_dir else cache_dir() / "memories"
+    check_output_dir("--memory-dir", memory_dir)
+    name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
+    model = load_model(args)
+    serve(model, host=args.host, port=args.port, log_level=args.log_level, rows=args.rows,
+          max_queue=args.max_queue, memory_dir=memory_dir, model_name=name,
+          default_max_tokens=args.default_max_tokens, engine=args.engine)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hmt", description="Hierarchical Memory Transformer runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the model, its config and its memory budget")
     add_model_arguments(info)
     info.set_defaults(func=cmd_info)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and memories")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int_at_least(0), default=8000)
+    srv.add_argument("--rows", "--max-running", dest="rows", type=int_at_least(1), default=8,
+                     help="sequences decoded together (scheduler rows; default 8)")
+    srv.add_argument("--max-queue", type=int_at_least(0), default=64,
+                     help="requests that may wait for a row; more are answered 429 (default 64)")
+    srv.add_argument("--memory-dir", default=None,
+                     help="folder of memory states, may be shared by several servers "
+                          "(default: $HMT_CACHE/memories, else ~/.cache/hmt/memories)")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model id clients pass (default: the --model value, or a checkpoint folder's name)")
+    srv.add_argument("--default-max-tokens", type=int_at_least(1), default=256,
+                     help="max_tokens of a chat request that gives none (default 256; completions: 16)")
+    srv.add_argument("--engine", choices=("auto", "lean", "transformers"), default="auto")
+    srv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    add_model_arguments(srv)
+    srv.set_defaults(func=cmd_serve)
     for module, hook in (("train", "add_train_parser"), ("evaluate", "add_eval_parser"), ("corpus", "add_data_parser")):
         try:
             mod = __import__(f"hmt_runtime.{module}", fromlist=[hook])
