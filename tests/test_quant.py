@@ -1,0 +1,320 @@
+"""Weight-only low-precision linear layers (hmt_runtime.quant, torch.ops.hmt.linear).
+
+Every kernel format runs in every instruction-set build this CPU has (avx512, avx2, scalar) against a float64
+reference computed from the dequantized weights, on fresh random inputs (the seed is in each failure message)
+with odd sizes: N not a multiple of the weight-row tile, K not a multiple of the vector width, Q4_1 / Q8_0 rows
+whose last block is partial (padded), M in {1, 3, 17} and blocks of rows beyond 64.  The bound is the worst-case
+error of a float32 sum of K products, (K + 2) u sum_k |x_k w_k| (+ |b|), u = 2^-24.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hmt_runtime import native, quant
+
+needs_native = pytest.mark.skipif(not native.available() or not quant._native(),
+                                  reason="the native extension hmt_runtime._C is not built")
+FORMATS = ("fp32", "bf16", "int8", "q4", "q8")
+U = 2.0 ** -24
+
+
+def _isas():
+    return quant.isas() if native.available() and quant._native() else []
+
+
+@pytest.fixture
+def fresh_seed():
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _check_close(y, x, w64, bias, seed, what):
+    """y (M, N) against x (M, K) @ w64^T (+ bias) in float64 within the float32 summation bound."""
+    x64 = x.double()
+    ref = x64 @ w64.T
+    magnitude = x64.abs() @ w64.abs().T
+    if bias is not None:
+        ref = ref + bias.double()
+        magnitude = magnitude + bias.double().abs()
+    bound = (x.shape[-1] + 2) * U * magnitude + 1e-30
+    err = (y.double() - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what} (seed {seed}): error {err.max().item():.3g} is {worst:.2f}x the fp32 bound"
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@needs_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_against_float64(fmt, isa, fresh_seed):
+    if isa not in _isas():
+        pytest.skip(f"this CPU or build has no {isa} kernels (has {_isas()})")
+    g = torch.Generator().manual_seed(fresh_seed)
+    ks = (96, 75, 200) if fmt in ("q4", "q8") else (75, 200, 33)  # 75, 200: partial last blocks for q4 / q8
+    with quant.use_isa(isa):
+        assert quant.isa() == isa
+        for k in ks:
+            for n in (37, 5):
+                weight = torch.randn(n, k, generator=g) * 0.1
+                bias = torch.randn(n, generator=g) if n == 37 else None
+                layer = quant.from_weight(weight, fmt, bias)
+                w64 = layer.dequantize().double()
+                for m in (1, 3, 17):
+                    x = torch.randn(m, k, generator=g)
+                    y = torch.ops.hmt.linear(x, layer.qweight, layer.scale, layer.bias, layer.kernel_format)
+                    _check_close(y, x, w64, bias, fresh_seed, f"{fmt}/{isa} M={m} N={n} K={k}")
+                    assert torch.equal(layer(x), y)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads):
+    """Outputs split over 2 threads and more than one block of 64 rows of x, in every build."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    n, k, m = 1001, 160, 130
+    weight = torch.randn(n, k, generator=g)
+    layer = quant.from_weight(weight, fmt, torch.randn(n, generator=g))
+    x = torch.randn(m, k, generator=g)
+    w64 = layer.dequantize().double()
+    threads(2)
+    for isa in _isas():
+        with quant.use_isa(isa):
+            _check_close(layer(x), x, w64, layer.bias, fresh_seed, f"{fmt}/{isa} threaded")
+            y1 = layer(x[:1])
+            _check_close(y1, x[:1], w64, layer.bias, fresh_seed, f"{fmt}/{isa} threaded M=1")
+
+
+@needs_native
+def test_linear_out_writes_a_column_slice(fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    layer = quant.from_weight(torch.randn(40, 64, generator=g), "q4")
+    x = torch.randn(3, 64, generator=g)
+    buffer = torch.full((3, 100), float("nan"))
+    torch.ops.hmt.linear_out(x, layer.qweight, None, None, "q4_1", buffer[:, 10:50])
+    assert torch.equal(buffer[:, 10:50], layer(x))
+    assert buffer[:, :10].isnan().all() and buffer[:, 50:].isnan().all()
+
+
+@needs_native
+def test_kernel_argument_errors():
+    layer = quant.from_weight(torch.randn(8, 64), "q4")
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="format=q5"):
+        torch.ops.hmt.linear(x, layer.qweight, None, None, "q5")
+    with pytest.raises(ValueError, match=r"K = 65 expects \(N, 60\)"):
+        torch.ops.hmt.linear(torch.randn(2, 65), layer.qweight, None, None, "q4_1")
+    with pytest.raises(TypeError, match="x has dtype"):
+        torch.ops.hmt.linear(x.double(), layer.qweight, None, None, "q4_1")
+    with pytest.raises(TypeError, match="format q8_0 expects"):
+        torch.ops.hmt.linear(x, layer.qweight.view(torch.int8), None, None, "q8_0")
+    with pytest.raises(ValueError, match="needs the per-row"):
+        torch.ops.hmt.linear(x, torch.zeros(8, 64, dtype=torch.int8), None, None, "int8")
+    with pytest.raises(ValueError, match="bias has shape"):
+        torch.ops.hmt.linear(x, layer.qweight, None, torch.zeros(9), "q4_1")
+    with pytest.raises(ValueError, match="expected one of avx512, avx2, scalar"):
+        quant.set_isa("sse9")
+    torch.library.opcheck(torch.ops.hmt.linear.default, (x, layer.qweight, None, None, "q4_1"))
+
+
+# ---------------------------------------------------------------------------------------- the formats
+def test_q4_1_layout_matches_gguf(fresh_seed):
+    """Our Q4_1 / Q8_0 blocks, dequantized by gguf-py (llama.cpp's reference layout), equal our dequantization;
+    round to nearest keeps every weight within half a step of its block."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    w = torch.randn(6, 128, generator=g) * torch.rand(6, 1, generator=g)
+    q4 = quant.quantize_q4_1(w)
+    ours = quant.dequantize_q4_1(q4, 128)
+    theirs = torch.from_numpy(dequantize(q4.numpy(), GGMLQuantizationType.Q4_1).reshape(6, 128).copy()).float()
+    assert torch.equal(ours, theirs)
+    step = q4.reshape(6, 4, 20)[..., 0:2].contiguous().view(torch.float16).float()[..., 0]  # d per block
+    assert ((ours - w).abs().reshape(6, 4, 32) <= step[..., None] * 0.5 + 1e-3 * step[..., None] + 1e-7).all()
+    q8 = quant.quantize_q8_0(w)
+    theirs8 = torch.from_numpy(dequantize(q8.numpy(), GGMLQuantizationType.Q8_0).reshape(6, 128).copy()).float()
+    assert torch.equal(quant.dequantize_q8_0(q8, 128), theirs8)
+    q, scale = quant.quantize_int8(w)
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] * 0.5 * (1 + 1e-5)).all()
+
+
+def test_partial_block_padding_keeps_the_block_range():
+    w = torch.tensor([[0.0, 1.0, 2.0] + [3.0] * 30 + [-1.0, 5.0]])  # K = 35: the second block has 3 elements
+    out = quant.dequantize_q4_1(quant.quantize_q4_1(w), 35)
+    assert out.shape == (1, 35)
+    assert torch.allclose(out[0, 32:], torch.tensor([3.0, -1.0, 5.0]), atol=6 / 15 / 2 + 1e-3)
+
+
+def test_quant_linear_keeps_its_storage_under_dtype_casts():
+    layer = quant.from_weight(torch.randn(4, 32), "bf16", torch.randn(4))
+    before = layer.dequantize()
+    layer.to(torch.float64)
+    layer.half()
+    assert layer.qweight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    assert torch.equal(layer.dequantize(), before)
+    with pytest.raises(ValueError, match="weight_format='q3'"):
+        quant.QuantLinear(32, 4, "q3", layer.qweight)
+    with pytest.raises(ValueError, match="expects torch.uint8"):
+        quant.QuantLinear(32, 4, "q4", layer.qweight)
+
+
+def test_quant_linear_falls_back_for_float64_and_autograd():
+    weight = torch.randn(5, 64)
+    layer = quant.from_weight(weight, "q4")
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ layer.dequantize().double().T, rtol=0, atol=1e-12)
+    xg = torch.randn(3, 64, requires_grad=True)
+    layer(xg).sum().backward()
+    assert torch.allclose(xg.grad, layer.dequantize().sum(0).expand(3, 64), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- whole models
+def _tiny_llama(tied: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def _dequantized_reference(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` whose converted weights are the quantized model's, dequantized (a tied head
+    also gives the input embedding its dequantized table, as QuantEmbedding reads it)."""
+    ref = copy.deepcopy(model)
+    modules = dict(quantized.named_modules(remove_duplicate=False))
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            q = modules.get(name)
+            if isinstance(q, quant.QuantLinear):
+                module.weight.copy_(q.dequantize())
+    return ref
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "q4"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_llama_end_to_end(fmt, tied):
+    model = _tiny_llama(tied)
+    quantized = copy.deepcopy(model)
+    report = quant.quantize_model(quantized, fmt)
+    linears = [m for m in quantized.modules() if isinstance(m, quant.QuantLinear)]
+    assert len(linears) == 2 * 7 + 1 and not any(type(m) is nn.Linear for m in quantized.modules())
+    head = quantized.get_output_embeddings()
+    assert head.weight_format == ("q8" if fmt == "q4" else fmt) and len(report) == 15
+    embed = quantized.get_input_embeddings()
+    assert isinstance(embed, quant.QuantEmbedding) == tied
+    ids = torch.randint(3, 97, (2, 19))
+    ref = _dequantized_reference(model, quantized)
+    if tied:  # the lookups read the quantized table
+        assert torch.equal(ref.get_input_embeddings().weight, head.dequantize())
+        assert torch.equal(embed(ids), head.dequantize()[ids])
+    with torch.no_grad():
+        got, want = quantized(ids).logits, ref(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    if fmt == "fp32":
+        assert torch.allclose(got, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q4", "int8"])
+def test_lora_stays_beside_the_quantized_base(tmp_path, fmt):
+    """A peft LoRA adapter loaded over QuantLinear layers: adapters unmerged, forward = the float peft model over
+    the dequantized weights."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = _tiny_llama(tied=True)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero update
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    quantized = copy.deepcopy(model)
+    quant.quantize_model(quantized, fmt)
+    dequantized = _dequantized_reference(model, quantized)
+    loaded = quant.load_adapter(quantized, tmp_path / "adapter")
+    lora_layers = [m for m in loaded.modules() if type(m).__name__ == "LoraQuantLinear"]
+    assert len(lora_layers) == 2 * 3
+    assert all(isinstance(m.base_layer, quant.QuantLinear) and not m.merged for m in lora_layers)
+    with pytest.raises(NotImplementedError, match="unmerged"):
+        lora_layers[0].merge()
+
+    reference = PeftModel.from_pretrained(dequantized, tmp_path / "adapter")
+    ids = torch.randint(3, 97, (1, 23))
+    with torch.no_grad():
+        got = loaded(ids).logits
+        want = reference(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    with torch.no_grad(), loaded.disable_adapter():
+        without = loaded(ids).logits
+    assert (without - got).abs().max() > 1e-2  # the adapters do change the output
+
+    # converting after peft wrapping replaces each LoRA layer's base layer and keeps its adapters
+    wrapped = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "adapter")
+    quant.quantize_model(wrapped, fmt)
+    plain = [n for n, m in wrapped.named_modules() if type(m) is nn.Linear]
+    assert plain and all(".lora_A." in n or ".lora_B." in n for n in plain), plain
+    with torch.no_grad():
+        assert torch.allclose(wrapped(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the real default backbone
+@pytest.mark.slow
+def test_default_backbone_q4_is_the_gguf_blocks():
+    """weights="q4" reads the GGUF's Q4_1 projections and Q8_0 tied embedding as stored: every dequantized weight
+    equals today's fp32 weight exactly, the lookups are identical, and the logits differ only by float32
+    accumulation order."""
+    from hmt_runtime.backbones import load_backbone
+
+    fp, tokenizer = load_backbone("smollm2-135m")
+    q4, _ = load_backbone("smollm2-135m", weights="q4")
+    kinds = sorted(set(q4.hmt_quantized.values()))
+    assert kinds == ["q4 (gguf Q4_1)", "q8 (gguf Q8_0) (tied: also the input embedding)"], kinds
+    fp_modules = dict(fp.named_modules())
+    for name, module in q4.named_modules():
+        if isinstance(module, quant.QuantLinear):
+            ref = fp_modules[name.replace("model.embed_tokens.table", "lm_head")].weight
+            assert torch.equal(module.dequantize(), ref), name
+    assert quant.weight_bytes(q4) < 0.2 * quant.weight_bytes(fp)  # 97 MB against 538 MB
+
+    ids = tokenizer("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(q4.get_input_embeddings()(ids), fp.get_input_embeddings()(ids))
+        hidden = fp.model(ids).last_hidden_state
+        want = fp(ids).logits.double()
+        got = q4(ids).logits.double()
+        # fp32 accumulation bound of the LM head alone, scaled by 30 layers of the same rounding upstream
+        head = fp.lm_head.weight.double()
+        bound = (576 + 2) * U * (hidden.double().abs() @ head.abs().T)
+    err = (got - want).abs()
+    assert err.max() < 1e-3 * want.abs().max(), err.max()
+    assert (err <= 30 * bound + 1e-4).all(), (err / (bound + 1e-12)).max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.slow
+def test_default_model_q4_applies_the_adapters_beside_the_blocks():
+    from hmt_runtime import HMTModel
+
+    fp = HMTModel.from_pretrained("default", kernels="torch")
+    q4 = HMTModel.from_pretrained("default", kernels="torch", weights="q4")
+    lora = [m for m in q4.backbone.modules() if type(m).__name__ == "LoraQuantLinear"]
+    assert len(lora) == 30 * 4 and all(isinstance(m.base_layer, quant.QuantLinear) for m in lora)
+    ids = q4.tokenizer("Elizabeth walked to Netherfield through the mud, and arrived with her stockings dirty. " * 3,
+                       return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = fp(ids).logits, q4(ids).logits
+    assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() == 1.0
