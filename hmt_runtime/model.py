@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from . import backbones
 from . import atomic
+from . import quant
 from .atomic import staged_dir
 from .checks import check_finite, checksum_metadata, verify_checksums
 from .config import HMTConfig
@@ -466,12 +467,14 @@ class HMTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,
-                        dtype: torch.dtype | None = None):
+                        dtype: torch.dtype | None = None, weights: str | None = None):
         """Load a checkpoint written by ``save_pretrained``; "default" is the trained HMT shipped for
         SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline).
 
         Everything read is validated (``read_checkpoint_config``, ``load_hmt_weights``; the adapter's weights
         must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.atomic``).
+        ``weights`` ("fp32", "bf16", "int8", "q4"): the storage of the backbone's linear weights (``load_backbone``;
+        a given ``backbone`` is converted in place); LoRA adapters are applied beside the quantized weights.
         """
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype={dtype!r}: expected None or a torch.dtype (e.g. torch.bfloat16)")
@@ -494,13 +497,16 @@ class HMTModel(nn.Module):
         identity = meta.get("backbone", {})
         if backbone is None:
             if meta.get("backbone_dir"):
-                backbone, tokenizer = backbones.load_backbone(str(directory / meta["backbone_dir"]))
+                backbone, tokenizer = backbones.load_backbone(str(directory / meta["backbone_dir"]),
+                                                              weights=weights or "fp32")
             elif identity.get("source"):
-                backbone, tokenizer = backbones.load_backbone(identity["source"])
+                backbone, tokenizer = backbones.load_backbone(identity["source"], weights=weights or "fp32")
             else:
                 raise ValueError(f"checkpoint {str(directory)!r} records no backbone source; pass backbone=")
             if dtype is not None:
                 backbone = backbone.to(dtype)
+        elif weights not in (None, "fp32"):
+            quant.quantize_model(backbone, weights)
         width = backbones.embedding_width(backbone)
         if identity.get("width") is not None and identity["width"] != width:
             raise ValueError(
@@ -508,12 +514,10 @@ class HMTModel(nn.Module):
                 f"({identity.get('model_type')}, {identity.get('source')}); this backbone's width is {width}"
             )
         if meta.get("adapter"):
-            from peft import PeftModel
-
             source = getattr(backbone, "hmt_source", None)
             adapter = directory / meta["adapter"]
             try:
-                backbone = PeftModel.from_pretrained(backbone, adapter)
+                backbone = quant.load_adapter(backbone, adapter)  # peft; also over QuantLinear layers
             except Exception as err:  # peft and safetensors raise many error types for a damaged adapter
                 raise ValueError(f"{str(adapter)!r}: the LoRA adapter cannot be loaded ({type(err).__name__}: "
                                  f"{err})") from err
