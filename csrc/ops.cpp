@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/decode.h"
 #include "cpu/linear.h"
 #include "cpu/ops_cpu.h"
 #include "cpu/vec.h"
@@ -21,6 +22,11 @@ TORCH_LIBRARY(hmt, m) {
   // Weight-only linear layers (csrc/cpu/linear.h): format is fp32, bf16, int8, q4_1 or q8_0.
   m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str format) -> Tensor");
   m.def("linear_out(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str format, Tensor(a!) out) -> ()");
+  // One decode position of a Llama-family decoder (csrc/cpu/decode.cpp; contract: hmt_runtime/engines.py).
+  m.def(
+      "decode_step(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] biases, str[] formats, Tensor?[] lora_a, "
+      "Tensor?[] lora_b, float[] lora_scale, Tensor[] norms, float[] eps, Tensor cos, Tensor sin_signed, "
+      "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache, Tensor lens, float scale, int q_heads, int kv_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hmt, CPU, m) {
@@ -29,6 +35,7 @@ TORCH_LIBRARY_IMPL(hmt, CPU, m) {
   m.impl("memory_write", &hmt::cpu::memory_write);
   m.impl("linear", &hmt::cpu::linear);
   m.impl("linear_out", &hmt::cpu::linear_out);
+  m.impl("decode_step", &hmt::cpu::decode_step);
 }
 
 #ifdef HMT_WITH_CUDA

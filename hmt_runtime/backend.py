@@ -93,12 +93,14 @@ def model_ops(model) -> Ops:
 @dataclass(frozen=True)
 class Backend:
     """What runs a model's incremental path.  ops: the three HMT ops.  engine: "lean" | "transformers".
-    cuda_graphs: capture the decode / boundary steps.  lean_reason: why the lean engine is not used (or None)."""
+    cuda_graphs: capture the decode / boundary steps.  lean_reason: why the lean engine is not used (or None).
+    fused_decode: the lean engine's decode step is one native op (CPU, native kernels, float32 activations)."""
 
     ops: Ops
     engine: str
     cuda_graphs: bool
     lean_reason: str | None
+    fused_decode: bool = False
 
 
 def select_backend(model, engine: str = "auto", cuda_graphs="auto") -> Backend:
@@ -120,4 +122,6 @@ def select_backend(model, engine: str = "auto", cuda_graphs="auto") -> Backend:
                          f"engine {kind!r})")
     with torch.no_grad():
         ops = model_ops(model)
-    return Backend(ops, kind, graphs, reason)
+    fused = (kind == "lean" and ops.name == "native" and model.device.type == "cpu" and model.dtype == torch.float32
+             and hasattr(torch.ops.hmt, "decode_step"))
+    return Backend(ops, kind, graphs, reason, fused)

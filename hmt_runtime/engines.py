@@ -5,9 +5,12 @@ Every engine has the interface of ``Engine``: ``encode`` (a pass without cache: 
 bookkeeping after a decode), with the same signatures, and owns a ``StaticKV``.
 
 * ``LlamaEngine`` ("lean"): a lean forward of Llama-family decoders (Llama / SmolLM2, Mistral, Qwen2) over the
-  backbone's own weights, op for op what transformers computes, with a batched decode step.  LoRA (peft)
-  projections run merged: the engine keeps its own copy of each adapted weight, W + scale * B A, and the peft
-  model keeps its adapter (for training and saving).
+  backbone's own weights, op for op what transformers computes, with a batched decode step.  Projections are
+  ``nn.Linear`` or ``QuantLinear`` (``hmt_runtime.quant``, low-precision weights), with or without LoRA (peft)
+  adapters: a LoRA over a float weight runs merged into a copy the engine owns
+  (W + scale * B A; the peft model keeps its adapter for training and saving), a LoRA over a quantized weight
+  beside it.  With the native kernels on CPU, a decode step is one op (``torch.ops.hmt.decode_step``,
+  csrc/cpu/decode.cpp) for the whole decoder.
 * ``HFEngine`` ("transformers"): any other transformers backbone through its own forward, one row at a time, with
   a ``Cache`` whose storage is the static buffers.
 """
@@ -82,26 +85,72 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, perm: 
     return x * cos + x.index_select(-1, perm) * sin_signed
 
 
+class Projection:
+    """One projection y = x W^T (+ b) of the lean engine, in the form the backbone stores it.
+
+    A plain ``nn.Linear`` (its own tensors), a ``QuantLinear`` (``hmt_runtime.quant``: fp32 / bf16 / int8 / 4-bit
+    weights run by the native kernels), or either one under a peft LoRA adapter.  A LoRA over a float ``nn.Linear``
+    is merged into a copy the engine owns (W + scale * B A, computed in float64); a LoRA over a QuantLinear stays
+    beside it (``lora_a`` (r, K), ``lora_b`` (N, r), several adapters stacked into one, scales folded into A).
+    ``__call__(x)``: (..., K) -> (..., N).  ``kernel_args()``: what ``torch.ops.hmt.decode_step`` takes.
+    """
+
+    def __init__(self, module: nn.Module):
+        adapters = _lora_adapters(module)
+        base = module if adapters is None else module.base_layer
+        self.lora_a = self.lora_b = None
+        self.quant = None
+        if type(base) is nn.Linear:
+            self.weight, self.bias = base.weight, base.bias
+            if adapters:
+                with torch.no_grad():
+                    merged = base.weight.double()
+                    for a, b, scale in adapters:
+                        merged = merged + scale * (b.double() @ a.double())
+                    self.weight = merged.to(base.weight.dtype)
+        elif _is_quant_linear(base):
+            self.quant, self.weight, self.bias = base, base.qweight, base.bias
+            if adapters:
+                with torch.no_grad():
+                    self.lora_a = torch.cat([a.float() * scale for a, _, scale in adapters]).contiguous()
+                    self.lora_b = torch.cat([b.float() for _, b, _ in adapters], dim=1).contiguous()
+        else:
+            raise ValueError(f"a projection is a {type(base).__name__}, not an nn.Linear or a QuantLinear")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant(x)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return y
+
+    def kernel_args(self):
+        """(weight, scale, bias, format, lora_a, lora_b, lora_scale) for the native decode step."""
+        if self.quant is not None:
+            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, self.lora_a, self.lora_b, 1.0)
+        fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.weight.dtype]
+        bias = None if self.bias is None else self.bias.float()
+        return (self.weight, None, bias, fmt, None, None, 0.0)
+
+
+def _is_quant_linear(module: nn.Module) -> bool:
+    return type(module).__name__ == "QuantLinear" and hasattr(module, "qweight") and hasattr(module, "kernel_format")
+
+
 @dataclass
 class _LayerWeights:
     ln_in: torch.Tensor
     eps_in: float
-    wq: torch.Tensor
-    bq: torch.Tensor | None
-    wk: torch.Tensor
-    bk: torch.Tensor | None
-    wv: torch.Tensor
-    bv: torch.Tensor | None
-    wo: torch.Tensor
-    bo: torch.Tensor | None
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
     ln_post: torch.Tensor
     eps_post: float
-    wg: torch.Tensor
-    bg: torch.Tensor | None
-    wu: torch.Tensor
-    bu: torch.Tensor | None
-    wd: torch.Tensor
-    bd: torch.Tensor | None
+    gate: Projection
+    up: Projection
+    down: Projection
 
 
 def _sliding_window_below(config, window: int) -> bool:
@@ -137,23 +186,6 @@ def _lora_adapters(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, 
     return adapters
 
 
-def _projection(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (out, in), bias) of a projection for ``F.linear``: an nn.Linear's own tensors, or for a peft LoRA
-    layer a merged copy W + sum(scale * B A) (computed in float64, stored in W's dtype; the peft model is not
-    changed).  Raises ValueError for anything else."""
-    adapters = _lora_adapters(module)
-    base = module if adapters is None else module.base_layer
-    if type(base) is not nn.Linear:
-        raise ValueError(f"a projection is a {type(base).__name__}, not a plain nn.Linear")
-    if not adapters:
-        return base.weight, base.bias
-    with torch.no_grad():
-        merged = base.weight.double()
-        for a, b, scale in adapters:
-            merged = merged + scale * (b.double() @ a.double())
-        return merged.to(base.weight.dtype), base.bias
-
-
 def lean_unsupported_reason(backbone: nn.Module, window: int) -> str | None:
     """Why ``LlamaEngine`` cannot run ``backbone`` exactly (None when it can)."""
     config = getattr(backbones.unwrap(backbone), "config", None)
@@ -177,8 +209,8 @@ def lean_unsupported_reason(backbone: nn.Module, window: int) -> str | None:
             except ValueError as err:
                 return str(err)
             base = module if adapters is None else module.base_layer
-            if type(base) is not nn.Linear:
-                return f"a projection is a {type(base).__name__}, not a plain nn.Linear"
+            if type(base) is not nn.Linear and not _is_quant_linear(base):
+                return f"a projection is a {type(base).__name__}, not an nn.Linear or a QuantLinear"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not hasattr(norm, "variance_epsilon") or set(vars(norm).get("_parameters", {})) != {"weight"}:
                 return f"a norm is a {type(norm).__name__} of unexpected form"
@@ -236,7 +268,9 @@ class LlamaEngine(Engine):
 
     name = "lean"
 
-    def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None):
+    def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None, fused_decode: bool = False):
+        """fused_decode: run ``decode`` as one native op (``torch.ops.hmt.decode_step``; float32 activations on
+        CPU, the native extension loaded); ``hmt_runtime.backend`` decides."""
         inner = backbones.unwrap(backbone)
         body = backbones.decoder_body(backbone)
         config = inner.config
@@ -251,13 +285,11 @@ class LlamaEngine(Engine):
         self.layers = []
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            projections = [_projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                                     mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = projections
             self.layers.append(_LayerWeights(
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, wq, bq, wk, bk, wv, bv, wo, bo,
+                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                Projection(attn.q_proj), Projection(attn.k_proj), Projection(attn.v_proj), Projection(attn.o_proj),
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                wg, bg, wu, bu, wd, bd,
+                Projection(mlp.gate_proj), Projection(mlp.up_proj), Projection(mlp.down_proj),
             ))
         self.scale = float(getattr(body.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
         self.norm_weight, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
@@ -272,6 +304,22 @@ class LlamaEngine(Engine):
         self.positions = torch.arange(window, device=self.device)  # (W,)
         self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
         self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
+        self.step_args = self._step_args() if fused_decode else None
+
+    def _step_args(self) -> dict:
+        """The per-model arguments of ``torch.ops.hmt.decode_step`` (weights in layer order, norms, eps)."""
+        columns = [[] for _ in range(7)]  # weights, scales, biases, formats, lora_a, lora_b, lora_scale
+        norms, eps = [], []
+        for w in self.layers:
+            for proj in (w.q, w.k, w.v, w.o, w.gate, w.up, w.down):
+                for column, value in zip(columns, proj.kernel_args()):
+                    column.append(value)
+            norms += [w.ln_in.float().contiguous(), w.ln_post.float().contiguous()]
+            eps += [float(w.eps_in), float(w.eps_post)]
+        norms.append(self.norm_weight.float().contiguous())
+        eps.append(float(self.norm_eps))
+        names = ("weights", "scales", "biases", "formats", "lora_a", "lora_b", "lora_scale")
+        return dict(zip(names, columns), norms=norms, eps=eps, cos=self.cos.float(), sin=self.sin.float())
 
     # -------------------------------------------------------------------------------------------- the layers
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable) -> torch.Tensor:
@@ -279,13 +327,13 @@ class LlamaEngine(Engine):
         batch, length = x.shape[:2]
         for index, w in enumerate(self.layers):
             h = _rms_norm(x, w.ln_in, w.eps_in)
-            q = _rotate(F.linear(h, w.wq, w.bq).view(batch, length, self.q_heads, self.head_dim), cos, sin, self.perm)
-            k = _rotate(F.linear(h, w.wk, w.bk).view(batch, length, self.kv_heads, self.head_dim), cos, sin, self.perm)
-            v = F.linear(h, w.wv, w.bv).view(batch, length, self.kv_heads, self.head_dim)
+            q = _rotate(w.q(h).view(batch, length, self.q_heads, self.head_dim), cos, sin, self.perm)
+            k = _rotate(w.k(h).view(batch, length, self.kv_heads, self.head_dim), cos, sin, self.perm)
+            v = w.v(h).view(batch, length, self.kv_heads, self.head_dim)
             out = attend(index, q, k, v)
-            x = x + F.linear(out.reshape(batch, length, self.q_heads * self.head_dim), w.wo, w.bo)
+            x = x + w.o(out.reshape(batch, length, self.q_heads * self.head_dim))
             h = _rms_norm(x, w.ln_post, w.eps_post)
-            x = x + F.linear(F.silu(F.linear(h, w.wg, w.bg)) * F.linear(h, w.wu, w.bu), w.wd, w.bd)
+            x = x + w.down(F.silu(w.gate(h)) * w.up(h))
         return _rms_norm(x, self.norm_weight, self.norm_eps)
 
     def _sdpa(self, q, keys, values, mask=None, causal=False):
@@ -339,6 +387,14 @@ class LlamaEngine(Engine):
         batch = embeds.shape[0]
         kv = self.kv
         lens = kv.lens[:batch]
+        if self.step_args is not None:
+            a = self.step_args
+            hidden = torch.ops.hmt.decode_step(
+                embeds[:, 0].float().contiguous(), a["weights"], a["scales"], a["biases"], a["formats"], a["lora_a"],
+                a["lora_b"], a["lora_scale"], a["norms"], a["eps"], a["cos"][lens], a["sin"][lens], kv.keys,
+                kv.values, lens, self.scale, self.q_heads, self.kv_heads)
+            lens += live
+            return hidden.to(embeds.dtype)[:, None]
         masked = batch > 1 or span is None  # batch 1 at span = lens + 1 sees every position it attends to
         span = self.window if span is None else span
         cos, sin = self.cos[lens][:, None, None], self.sin[lens][:, None, None]  # (B, 1, 1, D)
@@ -448,12 +504,12 @@ class HFEngine(Engine):
 
 
 
-def make_engine(model, rows: int, kind: str, ops=None) -> Engine:
+def make_engine(model, rows: int, kind: str, ops=None, fused_decode: bool = False) -> Engine:
     """The engine ``kind`` ("lean" | "transformers", chosen by ``hmt_runtime.backend.select_backend``) for
     ``model`` (an HMTModel) with ``rows`` rows of W = ``model.config.window`` positions."""
     window = model.config.window
     if kind == "lean":
-        return LlamaEngine(model.backbone, rows, window, ops)
+        return LlamaEngine(model.backbone, rows, window, ops, fused_decode)
     if kind == "transformers":
         return HFEngine(model, rows, window)
     raise ValueError(f"engine kind {kind!r}: expected 'lean' or 'transformers'")

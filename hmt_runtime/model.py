@@ -1,9 +1,10 @@
 """HMTModel: the HMT parameters around a transformers causal LM, the teacher-forced forward, save/load.
 
-The one segment step (spec "One segment") is split into the pieces both the forward pass and generation use:
-``summarize`` (step 1), ``recall_memory`` (step 2), ``segment_embeddings`` + ``run_backbone`` (step 3) and
-``lm_logits`` (step 4).  ``forward`` runs them over whole segments; ``hmt_runtime.generate`` runs the same
-pieces incrementally, so the two cannot drift apart.
+The segment step (docs/spec.md "One segment") is split into pieces: ``summarize`` (step 1), ``recall_memory``
+(step 2), ``segment_embeddings`` + ``run_backbone`` (step 3) and ``lm_logits`` (step 4).  ``forward`` runs them
+over whole segments, with the host-side rules of ``hmt_runtime.segment`` (recall query, what is carried); the
+scheduler (``hmt_runtime.scheduler``), the one incremental path, uses the same rules and embeddings.  The forward
+is the reference every kernel, engine and the scheduler are checked against.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import backbones
+from . import backbones, segment
 from . import atomic
 from . import quant
 from .atomic import staged_dir
 from .checks import check_finite, checksum_metadata, verify_checksums
+from .backend import model_ops
 from .config import HMTConfig
-from .ops import TORCH_OPS, Ops, resolve_ops
+from .ops import TORCH_OPS, Ops
 
 CONFIG_NAME = "hmt_config.json"
 WEIGHTS_NAME = "hmt.safetensors"
@@ -129,8 +131,9 @@ class HMTModel(nn.Module):
         self.summary_prompt = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
         self.memory_init = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
         self.recall = Recall(width, config.recall_dim).to(device=device, dtype=dtype)
-        self._base_attn = getattr(inner.config, "_attn_implementation", None)
-        self._ops_cache: dict[str, Ops] = {}
+        # the backbone's own attention (restored for the torch ops) and the ops resolved per (device, kernels)
+        self.base_attn_implementation = getattr(inner.config, "_attn_implementation", None)
+        self.resolved_ops: dict[tuple[str, str], Ops] = {}
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -162,21 +165,11 @@ class HMTModel(nn.Module):
 
     # ----------------------------------------------------------------------------------------- backend
     def ops(self) -> Ops:
-        """The hot-path ops for this call: the configured backend, or torch while gradients are needed
-        (the kernels are inference-only).  Switches the backbone's attention implementation to match."""
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if needs_grad:
-            ops = TORCH_OPS
-        else:
-            key = str(self.device)
-            if key not in self._ops_cache:
-                self._ops_cache[key] = resolve_ops(self.config.kernels, self.device)
-            ops = self._ops_cache[key]
-        wanted = ops.attn_implementation or self._base_attn
-        inner = backbones.unwrap(self.backbone)
-        if wanted is not None and getattr(inner.config, "_attn_implementation", None) != wanted:
-            inner.set_attn_implementation(wanted)
-        return ops
+        """The hot-path ops: the configured backend (``hmt_runtime.backend``), or torch while gradients are
+        needed (the kernels are inference-only)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return TORCH_OPS
+        return model_ops(self)
 
     # ----------------------------------------------------------------------------------------- segment pieces
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -240,7 +233,7 @@ class HMTModel(nn.Module):
         batch, length = input_ids.shape
         ops = self.ops()
         memories: list[torch.Tensor] = []
-        sensory = None
+        sensory = tail = None
         for start in range(0, length, cfg.segment_tokens):
             tokens = input_ids[:, start : start + cfg.segment_tokens]
             if not memories:
@@ -248,10 +241,7 @@ class HMTModel(nn.Module):
             elif not use_recall:
                 recalled = memories[-1]
             else:
-                if cfg.recall == "paper":
-                    query = tokens[:, : cfg.summary_tokens]
-                else:
-                    query = input_ids[:, start - cfg.summary_tokens : start]
+                query, _ = segment.recall_query(cfg, tail, tokens, complete=True)
                 cache = torch.stack(memories[-cfg.memory_slots :], dim=1)  # (B, n', d), the newest N
                 keys = self.recall.w_k(cache)
                 written = torch.full((batch,), cache.shape[1], dtype=torch.long, device=input_ids.device)
@@ -261,8 +251,7 @@ class HMTModel(nn.Module):
             memory = hidden[:, -1]
             memories.append(memory)
             yield start, hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]], memory
-            if cfg.sensory_tokens:
-                sensory = tokens[:, -cfg.sensory_tokens :]
+            sensory, tail = segment.carried(cfg, tokens)
 
     def forward(self, input_ids, attention_mask=None, labels=None, use_recall: bool = True, loss_on: str = "last_segment"):
         """input_ids: (B, S) -> HMTOutput(loss, logits (B, S, V), memories (B, n_segments, d)).
@@ -326,13 +315,18 @@ class HMTModel(nn.Module):
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None, streamer=None,
                  state=None, return_state: bool = False, progress: bool = False):
-        """Continue ``input_ids`` (B, S); returns (B, S + new) ids like transformers' generate.
+        """Continue ``input_ids`` (B, S); returns (B, S + new) ids like transformers' generate (rows that stop
+        early at an EOS id are padded with the smallest EOS id).
 
+        A transformers-style face of ``hmt_runtime.generate`` (the scheduler: same tokens, same speed).
         Unbounded: memory is written at every segment boundary and the KV cache never exceeds W positions.
-        ``state`` (a MemoryState from ``hmt_runtime.ingest``) continues after an ingested document
-        (``input_ids`` then holds only the new tokens); ``return_state=True`` returns ``(ids, state)``.
+        ``streamer`` (batch 1): ``put`` gets the prompt, then each new token; ``end`` at the end.  ``state`` (a
+        MemoryState from ``hmt_runtime.ingest``: 1 row, or one per row of ``input_ids``) continues after an
+        ingested document (``input_ids`` then holds only the new tokens); it is checked against this model's
+        config and never modified.  ``return_state=True`` returns ``(ids, new_state)``: the state after the prompt
+        and every new token but a final EOS.
         """
-        from .segment import generate_ids
+        from .api import generate_ids  # the model knows the segment step, not the scheduler
 
         return generate_ids(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,

@@ -1,0 +1,262 @@
+// hmt::decode_step on CPU: one decode position of a whole Llama-family decoder in one op.
+//
+// Per layer: RMSNorm, the q / k / v projections, RoPE, the append of k and v to the bounded segment cache,
+// grouped-query attention over positions [0, lens[b]], the o projection and residual, RMSNorm, the SiLU-gated MLP
+// and residual; then the final RMSNorm.  The projections are the weight-only linear kernels (linear.h: fp32,
+// bf16, int8, Q4_1, Q8_0), each with an optional LoRA adapter applied beside it as its low-rank product
+// (y += scale * B (A x)); attention is the shared CPU attention kernel (attend.h).  The ~25 small operations
+// around the projections run here, on float32 rows, without a dispatcher call each.
+//
+// Contract (hmt_runtime/engines.py, LlamaEngine.decode): x (B, d) float32 input embeddings; per layer l, seven
+// projections in the order q, k, v, o, gate, up, down (weights[7 l + i] with scales / biases / formats /
+// LoRA factors at the same index); norms[2 l] / norms[2 l + 1] the input / post-attention RMSNorm weights and
+// norms[2 L] the final one (eps at the same indices); cos, sin_signed (B, D): the rotary rows of each batch
+// row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
+// k_cache[l], v_cache[l] (rows >= B, Hkv, W, D) float32 or bfloat16, written at position lens[b]; lens (B,)
+// int64, not advanced.  Returns the final hidden states (B, d) float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "attend.h"
+#include "decode.h"
+#include "linear.h"
+
+namespace hmt::cpu {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+struct Projection {
+  PackedLinear base;
+  const float* lora_a = nullptr;  // (r, K) or nullptr
+  const float* lora_b = nullptr;  // (N, r)
+  int64_t rank = 0;
+  float lora_scale = 0.0f;
+};
+
+// y (m, N) = x (m, K) W^T (+ b) (+ scale * B (A x)).
+void project(const Projection& p, const float* x, int64_t m, float* y, std::vector<float>& scratch) {
+  linear_parallel(p.base, x, p.base.k, m, y, p.base.n);
+  if (p.lora_a == nullptr) return;
+  const int64_t k = p.base.k, n = p.base.n, r = p.rank;
+  scratch.resize(static_cast<size_t>(m * r));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const float* a = p.lora_a + j * k;
+      const float* xi = x + i * k;
+      float s = 0.0f;
+      for (int64_t t = 0; t < k; ++t) s += a[t] * xi[t];
+      scratch[i * r + j] = s * p.lora_scale;
+    }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t o = 0; o < n; ++o) {
+      const float* b = p.lora_b + o * r;
+      float s = 0.0f;
+      for (int64_t j = 0; j < r; ++j) s += b[j] * scratch[i * r + j];
+      y[i * n + o] += s;
+    }
+}
+
+// out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], row by row (LlamaRMSNorm in float32).
+void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t d, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    double ss = 0.0;
+    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / d) + eps);
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// In place on `heads` rows of D: v = v cos + v[perm] sin_signed.
+void rope(float* v, int64_t heads, int64_t dim, const float* cos, const float* sin) {
+  const int64_t half = dim / 2;
+  float tmp[512];
+  for (int64_t h = 0; h < heads; ++h) {
+    float* row = v + h * dim;
+    for (int64_t i = 0; i < dim; ++i) tmp[i] = row[i] * cos[i] + row[i < half ? i + half : i - half] * sin[i];
+    std::copy(tmp, tmp + dim, row);
+  }
+}
+
+at::Tensor checked_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " is on ", t.device(), ": expected a CPU tensor");
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " has dtype ", t.scalar_type(), ": expected float32");
+  return t.contiguous();
+}
+
+}  // namespace
+
+at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                       const std::vector<std::optional<at::Tensor>>& scales,
+                       const std::vector<std::optional<at::Tensor>>& biases, const std::vector<std::string>& formats,
+                       const std::vector<std::optional<at::Tensor>>& lora_a,
+                       const std::vector<std::optional<at::Tensor>>& lora_b, const std::vector<double>& lora_scale,
+                       const std::vector<at::Tensor>& norms, const std::vector<double>& eps, const at::Tensor& cos,
+                       const at::Tensor& sin_signed, const std::vector<at::Tensor>& k_cache,
+                       const std::vector<at::Tensor>& v_cache, const at::Tensor& lens, double scale,
+                       int64_t q_heads, int64_t kv_heads) {
+  const int64_t n_layers = static_cast<int64_t>(k_cache.size());
+  TORCH_CHECK_VALUE(n_layers > 0 && v_cache.size() == k_cache.size(), "k_cache / v_cache: expected one tensor per layer");
+  const size_t n_proj = static_cast<size_t>(7 * n_layers);
+  TORCH_CHECK_VALUE(weights.size() == n_proj && scales.size() == n_proj && biases.size() == n_proj &&
+                        formats.size() == n_proj && lora_a.size() == n_proj && lora_b.size() == n_proj &&
+                        lora_scale.size() == n_proj,
+                    "weights / scales / biases / formats / lora_*: expected 7 entries per layer (", n_proj, ")");
+  TORCH_CHECK_VALUE(norms.size() == static_cast<size_t>(2 * n_layers + 1) && eps.size() == norms.size(),
+                    "norms / eps: expected 2 per layer + the final norm");
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (B, d), got ", x.sizes());
+  const at::Tensor xc = checked_f32(x, "x");
+  const int64_t batch = x.size(0), d = x.size(1);
+  const int64_t window = k_cache[0].size(2), head_dim = k_cache[0].size(3);
+  TORCH_CHECK_VALUE(q_heads % kv_heads == 0 && k_cache[0].size(1) == kv_heads, "q_heads / kv_heads mismatch");
+  TORCH_CHECK_VALUE(head_dim % 2 == 0 && head_dim <= 512, "head_dim ", head_dim, ": expected even and <= 512");
+  const at::Tensor cos_c = checked_f32(cos, "cos"), sin_c = checked_f32(sin_signed, "sin_signed");
+  TORCH_CHECK_VALUE(cos_c.size(0) == batch && cos_c.size(1) == head_dim, "cos: expected (B, D)");
+  const at::Tensor lens_c = lens.to(at::kLong).contiguous();
+  TORCH_CHECK_VALUE(lens_c.numel() == batch, "lens: expected (B,)");
+  const int64_t* len = lens_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] < window, "lens[", b, "] = ", len[b], ": expected in [0, ", window, ")");
+  const bool bf16_cache = k_cache[0].scalar_type() == at::kBFloat16;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    for (const at::Tensor* c : {&k_cache[l], &v_cache[l]}) {
+      TORCH_CHECK_VALUE(c->is_contiguous() && c->dim() == 4 && c->size(0) >= batch && c->size(1) == kv_heads &&
+                            c->size(2) == window && c->size(3) == head_dim &&
+                            c->scalar_type() == (bf16_cache ? at::kBFloat16 : at::kFloat),
+                        "k_cache / v_cache[", l, "]: expected contiguous (rows >= B, Hkv, W, D) of one dtype");
+    }
+  }
+
+  // Pack every projection once (pointer checks only: no copies).
+  std::vector<at::Tensor> keep;  // contiguous float32 copies of norms / LoRA factors, alive for the call
+  std::vector<Projection> proj(n_proj);
+  const int64_t inter = weights[4].size(0);  // the gate projection's outputs (N rows of W in every format)
+  for (size_t i = 0; i < n_proj; ++i) {
+    const int64_t k = (i % 7 == 6) ? inter : (i % 7 == 3 ? q_heads * head_dim : d);
+    proj[i].base = pack_linear(weights[i], scales[i], biases[i], formats[i], k);
+    TORCH_CHECK_VALUE(lora_a[i].has_value() == lora_b[i].has_value(), "lora_a / lora_b[", i,
+                      "]: give both or neither");
+    if (lora_a[i].has_value()) {
+      at::Tensor a = checked_f32(*lora_a[i], "lora_a"), bm = checked_f32(*lora_b[i], "lora_b");
+      TORCH_CHECK_VALUE(a.dim() == 2 && bm.dim() == 2 && a.size(1) == k && bm.size(0) == proj[i].base.n &&
+                            bm.size(1) == a.size(0),
+                        "lora_a / lora_b[", i, "]: expected (r, K) and (N, r)");
+      keep.push_back(a);
+      keep.push_back(bm);
+      proj[i].lora_a = a.data_ptr<float>();
+      proj[i].lora_b = bm.data_ptr<float>();
+      proj[i].rank = a.size(0);
+      proj[i].lora_scale = static_cast<float>(lora_scale[i]);
+    }
+  }
+  std::vector<const float*> norm_w(norms.size());
+  for (size_t i = 0; i < norms.size(); ++i) {
+    keep.push_back(checked_f32(norms[i], "norms"));
+    norm_w[i] = keep.back().data_ptr<float>();
+  }
+
+  const int64_t qd = q_heads * head_dim, kvd = kv_heads * head_dim, group = q_heads / kv_heads;
+  at::Tensor out = xc.clone();
+  float* hid = out.data_ptr<float>();
+  std::vector<float> h(batch * d), q(batch * qd), kk(batch * kvd), vv(batch * kvd), att(batch * qd);
+  std::vector<float> gate(batch * inter), up(batch * inter), tmp(batch * std::max(d, inter)), lora_scratch;
+  const float factor = static_cast<float>(scale) * kLog2e;
+
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const Projection* p = proj.data() + 7 * l;
+    rms_norm(hid, norm_w[2 * l], static_cast<float>(eps[2 * l]), batch, d, h.data());
+    project(p[0], h.data(), batch, q.data(), lora_scratch);
+    project(p[1], h.data(), batch, kk.data(), lora_scratch);
+    project(p[2], h.data(), batch, vv.data(), lora_scratch);
+    char* kc = static_cast<char*>(k_cache[l].data_ptr());
+    char* vc = static_cast<char*>(v_cache[l].data_ptr());
+    const int64_t esize = k_cache[l].element_size();
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* cb = cos_c.data_ptr<float>() + b * head_dim;
+      const float* sb = sin_c.data_ptr<float>() + b * head_dim;
+      rope(q.data() + b * qd, q_heads, head_dim, cb, sb);
+      rope(kk.data() + b * kvd, kv_heads, head_dim, cb, sb);
+      for (int64_t hh = 0; hh < kv_heads; ++hh) {  // append at lens[b]
+        const int64_t offset = ((b * kv_heads + hh) * window + len[b]) * head_dim;
+        const float* ks = kk.data() + b * kvd + hh * head_dim;
+        const float* vs = vv.data() + b * kvd + hh * head_dim;
+        if (bf16_cache) {
+          auto* kd = reinterpret_cast<c10::BFloat16*>(kc) + offset;
+          auto* vd = reinterpret_cast<c10::BFloat16*>(vc) + offset;
+          for (int64_t i = 0; i < head_dim; ++i) {
+            kd[i] = c10::BFloat16(ks[i]);
+            vd[i] = c10::BFloat16(vs[i]);
+          }
+        } else {
+          std::copy(ks, ks + head_dim, reinterpret_cast<float*>(kc) + offset);
+          std::copy(vs, vs + head_dim, reinterpret_cast<float*>(vc) + offset);
+        }
+      }
+    }
+    // Attention: one task per (batch row, KV head), serving its `group` query heads.
+    at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(group * (2 * head_dim + 2));
+      std::vector<int64_t> limits(group);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / kv_heads, hh = task % kv_heads;
+        float* qrows = buf.data();
+        float* acc = qrows + group * head_dim;
+        float* m = acc + group * head_dim;
+        float* lsum = m + group;
+        const float* qs = q.data() + b * qd + hh * group * head_dim;
+        for (int64_t i = 0; i < group * head_dim; ++i) qrows[i] = qs[i] * factor;
+        std::fill(limits.begin(), limits.end(), len[b] + 1);
+        AttendArgs args;
+        args.q = qrows;
+        args.q_stride = head_dim;
+        args.rows = group;
+        args.limits = limits.data();
+        const int64_t base = (b * kv_heads + hh) * window * head_dim * esize;
+        args.k = kc + base;
+        args.k_stride = head_dim;
+        args.dk = head_dim;
+        args.v = vc + base;
+        args.v_stride = head_dim;
+        args.dv = head_dim;
+        args.key_begin = 0;
+        args.key_end = len[b] + 1;
+        args.m = m;
+        args.l = lsum;
+        args.acc = acc;
+        args.acc_stride = head_dim;
+        if (bf16_cache) {
+          attend_bf16(args);
+        } else {
+          attend_f32(args);
+        }
+        float* dst = att.data() + b * qd + hh * group * head_dim;
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t i = 0; i < head_dim; ++i) dst[g * head_dim + i] = acc[g * head_dim + i] / lsum[g];
+      }
+    });
+    project(p[3], att.data(), batch, tmp.data(), lora_scratch);
+    for (int64_t i = 0; i < batch * d; ++i) hid[i] += tmp[i];
+    rms_norm(hid, norm_w[2 * l + 1], static_cast<float>(eps[2 * l + 1]), batch, d, h.data());
+    project(p[4], h.data(), batch, gate.data(), lora_scratch);
+    project(p[5], h.data(), batch, up.data(), lora_scratch);
+    for (int64_t i = 0; i < batch * inter; ++i) {
+      const float g = gate[i];
+      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+    project(p[6], gate.data(), batch, tmp.data(), lora_scratch);
+    for (int64_t i = 0; i < batch * d; ++i) hid[i] += tmp[i];
+  }
+  at::Tensor result = at::empty_like(out);
+  rms_norm(hid, norm_w[2 * n_layers], static_cast<float>(eps[2 * n_layers]), batch, d, result.data_ptr<float>());
+  return result;
+}
+
+}  // namespace hmt::cpu

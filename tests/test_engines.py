@@ -1,0 +1,114 @@
+"""The engines (hmt_runtime/engines.py): the lean forward's projections in every form (nn.Linear, LoRA merged,
+QuantLinear with LoRA beside) and the native one-op decode step, against the python path and the forward."""
+import pytest
+import torch
+
+from helpers import SEGMENT, VOCAB, make_model, mixed_prompts
+from hmt_runtime import generate
+from hmt_runtime.engines import LlamaEngine, Projection
+from hmt_runtime.scheduler import Scheduler
+
+
+def _native() -> bool:
+    from hmt_runtime import native
+
+    return native.available() and hasattr(torch.ops.hmt, "decode_step")
+
+
+needs_native = pytest.mark.skipif(not _native(), reason="the native extension hmt_runtime._C is not built")
+
+
+def float_model(recall="causal", seed=0, kernels="torch", family="llama"):
+    model = make_model(family, recall, seed=seed).float()
+    model.config.kernels = kernels
+    return model
+
+
+def with_lora(model, seed=1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model
+
+    model.backbone = get_peft_model(model.backbone, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_projection_forms_compute_the_module_output():
+    from peft import LoraConfig, get_peft_model
+    from hmt_runtime import quant
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=True).double()
+    x = torch.randn(3, 5, 40, dtype=torch.float64)
+    assert torch.equal(Projection(linear)(x), linear(x))
+    wrapped = get_peft_model(torch.nn.Sequential(linear), LoraConfig(r=3, target_modules=["0"]))
+    with torch.no_grad():
+        wrapped.base_model.model[0].lora_B["default"].weight.normal_()
+    layer = wrapped.base_model.model[0]
+    assert torch.allclose(Projection(layer)(x), layer(x), rtol=0, atol=1e-12)  # merged in float64
+    assert not layer.merged
+    with pytest.raises(ValueError, match="not an nn.Linear or a QuantLinear"):
+        Projection(torch.nn.Conv1d(2, 2, 1))
+    if _native():
+        q = quant.quantize_linear(torch.nn.Linear(64, 24).float(), "int8")
+        xf = torch.randn(4, 64)
+        assert torch.allclose(Projection(q)(xf), xf @ q.dequantize().T + q.bias, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("lora", [False, True])
+def test_native_decode_step_equals_the_python_step(lora):
+    """Rows at different positions of their segments (batch 3), against the same engine without the fused op."""
+    model = float_model(kernels="native", seed=3)
+    if lora:
+        model = with_lora(model)
+    fused = LlamaEngine(model.backbone, 3, model.config.window, fused_decode=True)
+    plain = LlamaEngine(model.backbone, 3, model.config.window)
+    embeds = torch.randn(3, 9, model.width) * 0.5
+    with torch.no_grad():
+        for engine in (fused, plain):
+            for row, n in enumerate((2, 7, 5)):
+                engine.prefill(row, embeds[row : row + 1, :n], 0)
+        step = torch.randn(3, 1, model.width) * 0.5
+        live = torch.tensor([1, 1, 0])
+        a = fused.decode(step, live, span=None)
+        b = plain.decode(step, live, span=None)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+    assert fused.kv.lens.tolist() == plain.kv.lens.tolist() == [3, 8, 5]
+    for layer in range(fused.n_layers):  # the op appended the same keys and values
+        assert torch.allclose(fused.kv.keys[layer], plain.kv.keys[layer], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(fused.kv.values[layer], plain.kv.values[layer], rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("recall", ["causal", "paper"])
+def test_native_backend_runs_decode_as_one_op_with_the_torch_tokens(recall):
+    native, reference = float_model(recall, seed=4, kernels="native"), float_model(recall, seed=4)
+    sched = Scheduler(native)
+    assert sched.backend.fused_decode and sched.engine.step_args is not None
+    assert not Scheduler(reference).backend.fused_decode
+    prompts = mixed_prompts(9)
+    assert generate(native, prompts, max_new_tokens=2 * SEGMENT) == generate(reference, prompts, max_new_tokens=2 * SEGMENT)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "q4"])
+def test_quantized_backbone_with_lora_on_the_lean_engine(fmt):
+    """QuantLinear projections (LoRA beside them) run on the lean engine, fused and unfused alike, and give the
+    teacher-forced forward's greedy tokens of the same quantized model."""
+    from hmt_runtime import quant
+    from helpers import forward_greedy
+
+    model = with_lora(float_model(seed=5, kernels="native"), targets=("q_proj", "v_proj"))
+    quant.quantize_model(model.backbone, fmt)  # the LoRA layers' base layers become QuantLinear
+    sched = Scheduler(model)
+    assert sched.engine.name == "lean" and sched.backend.fused_decode
+    assert sched.engine.layers[0].q.lora_a is not None  # beside the quantized weight, not merged
+    prompt = mixed_prompts(10)[3]
+    out = generate(model, [prompt], max_new_tokens=SEGMENT)[0]
+    model.config.kernels = "torch"  # the python path over the same QuantLinear modules
+    assert generate(model, [prompt], max_new_tokens=SEGMENT)[0] == out
+    assert out == forward_greedy(model, prompt, SEGMENT)
