@@ -154,7 +154,9 @@ def test_hmt_triton_falls_back_for_float64_and_gradients():
 
 
 def test_ops_backend():
-    ops = hmt_kernels.ops()
+    from hmt_runtime.backend import triton_ops
+
+    ops = triton_ops()
     assert ops.name == "triton" and ops.attn_implementation == "hmt_triton"
     assert "hmt_triton" in AttentionInterface._global_mapping
 
@@ -168,8 +170,10 @@ def test_hmt_model_triton_equals_torch(monkeypatch):
     from hmt_kernels.attention import attention_with_kvcache
     from tiny import tiny_backbone
 
+    import hmt_runtime.backend
+
     calls = {"recall": [], "memory_write": [], "attention": []}
-    real_ops = hmt_kernels.ops
+    real_ops = hmt_runtime.backend.triton_ops
 
     def counted_ops():  # the Triton backend, every op counted
         ops = real_ops()
@@ -178,7 +182,7 @@ def test_hmt_model_triton_equals_torch(monkeypatch):
         return dataclasses.replace(ops, recall=counting(ops.recall, calls["recall"]),
                                    memory_write=counting(ops.memory_write, calls["memory_write"]))
 
-    monkeypatch.setattr(hmt_kernels, "ops", counted_ops)
+    monkeypatch.setattr(hmt_runtime.backend, "triton_ops", counted_ops)
     models = {}
     for kernels in ("torch", "triton"):
         cfg = HMTConfig(segment_tokens=9, sensory_tokens=3, summary_tokens=4, memory_slots=3, recall_dim=24,
