@@ -40,6 +40,7 @@ from .model import HMTModel, shifted_cross_entropy
 
 MODES = ("full", "frozen", "lora")
 PRECISIONS = ("fp32", "bf16")
+LOSS_ON = ("last_segment", "after_first")
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 STATE_NAME = "trainer_state.pt"
@@ -58,7 +59,15 @@ class TrainConfig:
     parameters + a LoRA adapter of rank ``lora_rank`` on the attention projections).  batch_size: the global
     batch (split over DDP ranks).  lr decays by ``lr_gamma`` every ``lr_step`` steps.  precision: "fp32" or
     "bf16" (autocast; the weights stay fp32).  grad_checkpointing: recompute each backbone pass of a segment in
-    the backward pass instead of keeping its activations.
+    the backward pass instead of keeping its activations.  init_from: an HMT checkpoint folder (or "default")
+    whose T, M_init, W_q, W_k and adapter the run starts from (its HMT config must match).  loss_on:
+    "last_segment" (the paper's loss) or "after_first" (every segment but the first, each of which reads memory).
+    distill_weight: weight of the distillation term, the KL divergence from the backbone's own predictions with
+    the whole window as context (adapter off, top ``distill_top_k`` tokens) to HMT's, on the scored positions.
+    hmt_lr_scale: learning-rate multiplier of the recall projections W_q and W_k against the other parameters.
+    recall_init_scale: W_q and W_k are multiplied by this before training starts (a resumed run then loads its
+    checkpoint's values): recall scores scale with its square, so a value below 1 takes a saturated softmax
+    (one-hot weights, zero gradients; docs/training.md) back to a trainable range.
     """
 
     data: list[str] = field(default_factory=list)
@@ -87,6 +96,12 @@ class TrainConfig:
     checkpoint_every: int = 20
     seed: int = 0
     threads: int | None = None
+    init_from: str | None = None
+    loss_on: str = "last_segment"
+    distill_weight: float = 0.0
+    distill_top_k: int = 64
+    hmt_lr_scale: float = 1.0
+    recall_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -104,6 +119,16 @@ class TrainConfig:
         for name in ("lr", "lr_gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a number > 0")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={self.loss_on!r}: expected one of {LOSS_ON}")
+        if not self.distill_weight >= 0:
+            raise ValueError(f"distill_weight={self.distill_weight!r}: expected a number >= 0 (0 = off)")
+        if isinstance(self.distill_top_k, bool) or not isinstance(self.distill_top_k, int) or self.distill_top_k < 1:
+            raise ValueError(f"distill_top_k={self.distill_top_k!r}: expected an integer >= 1")
+        if not self.recall_init_scale > 0:
+            raise ValueError(f"recall_init_scale={self.recall_init_scale!r}: expected a number > 0")
+        if not self.hmt_lr_scale > 0:
+            raise ValueError(f"hmt_lr_scale={self.hmt_lr_scale!r}: expected a number > 0")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip={self.grad_clip!r}: expected a number >= 0 (0 = no clipping)")
         if isinstance(self.data, (str, os.PathLike)):
@@ -144,29 +169,91 @@ def apply_mode(model: HMTModel, mode: str, lora_rank: int = 8) -> HMTModel:
 
 def build_model(config: TrainConfig) -> HMTModel:
     """Load the backbone, wrap it in HMT (warm-started from BOS when asked) and apply the training mode."""
+    if config.init_from:
+        model = _scale_recall(HMTModel.from_pretrained(config.init_from), config.recall_init_scale)
+        ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
+        diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "kernels" and theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
+                             "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
+        return apply_mode(model, config.mode, config.lora_rank)
     backbone, tokenizer = backbones.load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
     if config.warm_start:
         model.warm_start()
-    return apply_mode(model, config.mode, config.lora_rank)
+    return apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank)
+
+
+def _scale_recall(model: HMTModel, scale: float) -> HMTModel:
+    if scale != 1.0:
+        with torch.no_grad():
+            model.recall.w_q.weight.mul_(scale)
+            model.recall.w_k.weight.mul_(scale)
+    return model
 
 
 class LastSegmentLoss(nn.Module):
     """The training objective as a module (what DDP wraps): ids (B, S) -> mean CE over the last segment.
 
     Equal to ``model(ids, labels=ids, use_recall=..., loss_on="last_segment").loss``, but computes the LM head
-    only on the last segment (the others act only through memory)."""
+    only on the last segment (the others act only through memory).  ``loss_on="after_first"`` scores every
+    segment but the first instead.  With ``teacher`` (``teacher_topk``'s (log-probs, ids), each (B, S, k)) and
+    ``distill_weight`` w, the loss is CE + w * KL(teacher || HMT) over the same positions; ``parts`` (a dict)
+    receives the two terms."""
 
-    def __init__(self, model: HMTModel):
+    def __init__(self, model: HMTModel, loss_on: str = "last_segment"):
         super().__init__()
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={loss_on!r}: expected one of {LOSS_ON}")
         self.model = model
+        self.loss_on = loss_on
 
-    def forward(self, input_ids: torch.Tensor, use_recall: bool) -> torch.Tensor:
-        last_start, last_hidden = 0, None
+    def forward(self, input_ids: torch.Tensor, use_recall: bool, teacher=None, distill_weight: float = 0.0,
+                parts: dict | None = None) -> torch.Tensor:
+        kept: list[tuple[int, torch.Tensor]] = []
         for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall):
-            last_start, last_hidden = start, hidden
-        logits = self.model.lm_logits(last_hidden)
-        return shifted_cross_entropy(logits, input_ids[:, last_start:])
+            if self.loss_on == "last_segment":
+                kept = [(start, hidden)]
+            elif start > 0 or input_ids.shape[1] <= self.model.config.segment_tokens:
+                kept.append((start, hidden))
+        first = kept[0][0]
+        logits = self.model.lm_logits(torch.cat([h for _, h in kept], dim=1))
+        loss = shifted_cross_entropy(logits, input_ids[:, first:])
+        if parts is not None:
+            parts["ce"] = loss.detach()
+        if teacher is not None and distill_weight:
+            kl = distillation_kl(logits[:, :-1], teacher[0][:, first:-1], teacher[1][:, first:-1])
+            if parts is not None:
+                parts["kl"] = kl.detach()
+            loss = loss + distill_weight * kl
+        return loss
+
+
+def teacher_topk(model: HMTModel, input_ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's own predictions with the whole window as context (any adapter off, no grad):
+    input_ids (B, S) -> (log-probs, token ids) of the top ``k`` next tokens at every position, each (B, S, k)."""
+    from .evaluate import _adapter
+
+    body = backbones.decoder_body(model.backbone)
+    values, indices = [], []
+    with torch.no_grad(), _adapter(model.backbone, False):
+        for row in input_ids:
+            hidden = body(input_ids=row[None], **backbones.cache_kwargs(body, None)).last_hidden_state
+            logits = model.lm_logits(hidden)
+            logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            top = logp.topk(k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices)
+    return torch.cat(values), torch.cat(indices)
+
+
+def distillation_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p || q) on the teacher's top-k tokens: p the teacher's top-k probabilities
+    renormalised, q the student's softmax.  logits (B, L, V); teacher_logp, teacher_ids (B, L, k)."""
+    p_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)
+    q_logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    q_logp = q_logp.gather(-1, teacher_ids)
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1).mean()
 
 
 @contextlib.contextmanager
@@ -421,7 +508,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
     else:
         if not isinstance(model, HMTModel):
             raise TypeError(f"model: expected an HMTModel, got {type(model).__name__}")
-        apply_mode(model, config.mode, config.lora_rank)
+        apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank)
     model.to(device)
     model.train()
 
@@ -439,7 +526,10 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
         samplers.append(WindowSampler(len(win) if win else 1, config.batch_size, seed=config.seed + 1000 * stage))
 
     params = list(_trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    hmt_ids = {id(p) for p in model.recall.parameters()}
+    groups = [{"params": [p for p in params if id(p) in hmt_ids], "lr": config.lr * config.hmt_lr_scale},
+              {"params": [p for p in params if id(p) not in hmt_ids], "lr": config.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
     step = 0
     if resume_dir is not None:
@@ -447,7 +537,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
         step = _restore(state, model, optimizer, scheduler, samplers, resume_dir)
         del state
 
-    objective = LastSegmentLoss(model)
+    objective = LastSegmentLoss(model, config.loss_on)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
@@ -473,12 +563,16 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
             indices = samplers[stage].next_batch()[rank::world]
             ids = windows[stage].batch(indices).to(device)
             started = time.perf_counter()
+            teacher, parts = None, {}
+            if config.distill_weight:
+                with autocast:
+                    teacher = teacher_topk(model, ids, config.distill_top_k)
             with segment_checkpointing(model, config.grad_checkpointing), autocast:
-                loss = objective(ids, use_recall)
+                loss = objective(ids, use_recall, teacher, config.distill_weight, parts)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.param_groups[-1]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -492,7 +586,8 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
             if rank == 0:
                 tokens = config.batch_size * ids.shape[1]
                 _log(f"step {step}/{config.total_steps} stage {stage + 1} loss {value:.4f} "
-                     f"ppl {math.exp(min(value, 50)):.2f} tok/s {tokens / elapsed:.0f} lr {lr:.3g}", log_file, bar)
+                     f"ppl {math.exp(min(value, 50)):.2f} tok/s {tokens / elapsed:.0f} lr {lr:.3g}"
+                     + "".join(f" {k} {float(v):.4f}" for k, v in parts.items()), log_file, bar)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.3f}")
@@ -544,6 +639,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="start from this HMT checkpoint folder (or 'default') instead of a fresh HMT")
+    parser.add_argument("--loss-on", choices=LOSS_ON, default=d.loss_on,
+                        help="segments scored: the last (paper) or every one but the first (default %(default)s)")
+    parser.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                        help="weight of the KL term against the backbone's full-window predictions (0 = off)")
+    parser.add_argument("--distill-top-k", type=int, default=d.distill_top_k)
+    parser.add_argument("--hmt-lr-scale", type=float, default=d.hmt_lr_scale,
+                        help="learning-rate multiplier of the recall projections W_q, W_k (default %(default)s)")
+    parser.add_argument("--recall-init-scale", type=float, default=d.recall_init_scale,
+                        help="multiply W_q, W_k by this before training (scores scale with its square)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from hmt_runtime import HMTConfig, HMTModel
 from hmt_runtime.data import Windows, WindowSampler, as_documents, read_text, text_files, tokenize_files
 from hmt_runtime.train import (
-    LastSegmentLoss, TrainConfig, load_checkpoint_state, save_checkpoint, segment_checkpointing, train,
+    LastSegmentLoss, TrainConfig, distillation_kl, load_checkpoint_state, save_checkpoint, segment_checkpointing,
+    teacher_topk, train,
 )
 from tiny import VOCAB, tiny_backbone
 
@@ -93,20 +94,22 @@ def test_training_lowers_the_loss_and_logs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, mode):
+@pytest.mark.parametrize("mode,extra", [("full", {}), ("lora", {}),
+                                        ("lora", dict(distill_weight=0.5, loss_on="after_first", hmt_lr_scale=5.0))])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, mode, extra):
     data = corpus()
-    whole = train(tiny_config(tmp_path / "whole", mode=mode), model=tiny_model(), corpus=data, progress=False)
+    whole = train(tiny_config(tmp_path / "whole", mode=mode, **extra), model=tiny_model(), corpus=data, progress=False)
 
     def crash(step, loss):
         if step == 3:
             raise KeyboardInterrupt  # after the checkpoint of step 2 and one more step
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "cut", mode=mode), model=tiny_model(), corpus=data, progress=False, on_step=crash)
+        train(tiny_config(tmp_path / "cut", mode=mode, **extra), model=tiny_model(), corpus=data, progress=False,
+              on_step=crash)
     assert load_checkpoint_state(tmp_path / "cut" / "checkpoint")["step"] == 2
     torch.manual_seed(999)  # the resumed run must restore every RNG itself
-    resumed = train(tiny_config(tmp_path / "cut", mode=mode), model=tiny_model(), corpus=data, progress=False,
-                    resume=True)
+    resumed = train(tiny_config(tmp_path / "cut", mode=mode, **extra), model=tiny_model(), corpus=data,
+                    progress=False, resume=True)
     a, b = trainable(whole), trainable(resumed)
     assert set(a) == set(b) and len(a) >= 4
     for name in a:
@@ -322,3 +325,63 @@ def test_hmt_train_and_eval_commands(tmp_path, capsys):
     assert result["tokens"] == 99 and set(result["methods"]) == {"hmt", "windows", "adapted-windows"}
     assert "| HMT, window 12" in table and "| backbone, non-overlapping windows of 12 |" in table
     assert main(["eval", str(tmp_path / "missing.txt"), "--model", str(out / "final")]) == 2
+
+
+# ------------------------------------------------------------------------------------------ distillation, groups
+def test_after_first_loss_and_distillation_terms():
+    model = tiny_model()
+    ids = corpus(2, docs=2, length=3 * SEGMENT + 3)  # a short last segment
+    logits = model(ids, use_recall=True).logits
+    expected_ce = torch.nn.functional.cross_entropy(logits[:, SEGMENT:-1].reshape(-1, VOCAB),
+                                                    ids[:, SEGMENT + 1 :].reshape(-1))
+    parts = {}
+    assert torch.allclose(LastSegmentLoss(model, "after_first")(ids, True, parts=parts), expected_ce, rtol=1e-12)
+    assert torch.allclose(parts["ce"], expected_ce, rtol=1e-12) and "kl" not in parts
+    # the teacher: the backbone alone over the whole window, top-k of its log-softmax
+    with torch.no_grad():
+        full = torch.log_softmax(model.backbone(input_ids=ids).logits, -1)
+    values, index = teacher_topk(model, ids, k=VOCAB)
+    assert values.shape == (2, ids.shape[1], VOCAB)
+    assert torch.allclose(values, full.gather(-1, index), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(values[..., 0], full.max(-1).values, rtol=1e-12)
+    # with k = V the KL term is the exact KL divergence; smaller k renormalises the teacher's top-k
+    exact = torch.nn.functional.kl_div(torch.log_softmax(logits[:, SEGMENT:-1], -1), full[:, SEGMENT:-1],
+                                       log_target=True, reduction="none").sum(-1).mean()
+    parts = {}
+    loss = LastSegmentLoss(model, "after_first")(ids, True, (values, index), 0.5, parts)
+    assert torch.allclose(parts["kl"], exact, rtol=1e-10)
+    assert torch.allclose(loss, expected_ce + 0.5 * exact, rtol=1e-10)
+    v5, i5 = teacher_topk(model, ids, k=5)
+    p = torch.softmax(v5, -1)
+    q = torch.log_softmax(logits, -1).gather(-1, i5)
+    approx = (p * (p.log() - q))[:, SEGMENT:-1].sum(-1).mean()
+    assert torch.allclose(distillation_kl(logits[:, SEGMENT:-1], v5[:, SEGMENT:-1], i5[:, SEGMENT:-1]), approx,
+                          rtol=1e-10)
+    assert float(distillation_kl(full, full.topk(5, -1).values, full.topk(5, -1).indices)) > -1e-12
+
+
+def test_hmt_learning_rate_scale_and_option_errors(tmp_path):
+    model = tiny_model()
+    seen = {}
+
+    def record(step, loss):
+        pass
+    cfg = tiny_config(tmp_path / "g", mode="lora", hmt_lr_scale=10.0, stage1_steps=1, stage2_steps=0)
+    train(cfg, model=model, corpus=corpus(), progress=False, on_step=record)
+    state = load_checkpoint_state(tmp_path / "g" / "checkpoint")
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 2
+    assert groups[0]["lr"] == pytest.approx(10 * groups[1]["lr"])
+    assert len(groups[0]["params"]) == 2  # W_q, W_k
+    # recall_init_scale multiplies W_q and W_k before training (stage 1 has no recall: they get no gradient)
+    model = tiny_model()
+    w_q, w_k = model.recall.w_q.weight.detach().clone(), model.recall.w_k.weight.detach().clone()
+    train(tiny_config(tmp_path / "s", recall_init_scale=0.25, stage1_steps=2, stage2_steps=0), model=model,
+          corpus=corpus(), progress=False)
+    assert torch.allclose(model.recall.w_q.weight, 0.25 * w_q, rtol=1e-12)
+    assert torch.allclose(model.recall.w_k.weight, 0.25 * w_k, rtol=1e-12)
+    for kw, match in ((dict(loss_on="all"), "loss_on"), (dict(distill_weight=-1.0), "distill_weight"),
+                      (dict(recall_init_scale=0.0), "recall_init_scale"),
+                      (dict(distill_top_k=0), "distill_top_k"), (dict(hmt_lr_scale=0.0), "hmt_lr_scale")):
+        with pytest.raises(ValueError, match=match):
+            tiny_config(tmp_path, **kw)
