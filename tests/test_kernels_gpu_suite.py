@@ -75,6 +75,17 @@ def test_a_spent_budget_skips_cases_and_says_so(tmp_path):
     assert section["notes"]
 
 
+def test_the_transformers_child_is_killed_at_its_cap():
+    """torch.compile cannot be interrupted: the child process is, and the parent says so."""
+    suite = load_suite()
+    request = {"model": "smollm2-135m", "dtype": "float32", "batches": [1], "prompt_len": 4, "new": 2, "dry": True,
+               "fingerprint": 0.0}
+    start = __import__("time").perf_counter()
+    rows, note = suite.run_hf_child(request, budget_s=1.0)
+    assert __import__("time").perf_counter() - start < 8
+    assert rows == {} and "stopped at its 1 s cap after batches []" in note
+
+
 def test_arguments_are_checked():
     suite = load_suite()
     with pytest.raises(SystemExit):
