@@ -43,10 +43,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TopPLogitsWarper
 
-from .api import _TextPieces
+from .api import _TextPieces, ingest
 from .memory import MemoryState
 from .scheduler import Scheduler
-from .api import ingest
 
 log = logging.getLogger("hmt.serve")
 

@@ -314,6 +314,19 @@ def test_n_and_seed(server, model):
     assert first.choices[0].text != first.choices[1].text  # each choice draws from its own generator
 
 
+def test_prompt_lists_and_token_ids(server, model):
+    client = server.client()
+    tok = model.tokenizer
+    texts = ["The cat", "Paris is"]
+    got = client.completions.create(model=NAME, prompt=texts, max_tokens=9, temperature=0, n=2)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]  # prompt-major, as in the OpenAI API
+    assert [c.text for c in got.choices] == [offline(model, t, 9) for t in texts for _ in range(2)]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=9, temperature=0)
+    assert [c.text for c in by_ids.choices] == [offline(model, t, 9) for t in texts]
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+
+
 def test_stop_strings(server, model):
     client = server.client()
     prompt = PROMPTS[0]
