@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
 )
 
 from .backend import check_choices
+from .checks import check_eos_token_id, check_text
 from .memory import MemoryState
 from .scheduler import Scheduler
 
@@ -53,18 +54,11 @@ def _warpers(do_sample, temperature, top_k, top_p) -> LogitsProcessorList:
 
 
 def _eos_set(eos_token_id, vocab_size: int) -> set[int]:
-    """eos_token_id: None, an int or a list / tuple of ints, each in [0, vocab_size)."""
-    if eos_token_id is None:
-        return set()
-    items = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
-    if not isinstance(items, (list, tuple)) or not items or \
-            any(isinstance(e, bool) or not isinstance(e, int) for e in items):
-        raise ValueError(f"eos_token_id={eos_token_id!r}: expected None, an integer token id or a non-empty list "
-                         "of integer token ids")
-    if any(e < 0 or e >= vocab_size for e in items):
-        raise ValueError(f"eos_token_id={eos_token_id!r}: expected ids in [0, {vocab_size})")
-    return set(items)
+    """eos_token_id: None, an int or a list of ints, each in [0, vocab_size) (``checks.check_eos_token_id``)."""
+    return check_eos_token_id(eos_token_id, vocab_size)
 
+
+# ---------------------------------------------------------------------------------------------------- generate
 DEFAULT_ROWS = 8
 
 # With CUDA graphs a scheduler is worth keeping between calls (its graphs are captured once): the last one built
@@ -132,6 +126,7 @@ def _check_state(model, state, n_prompts: int) -> None:
         if tensor.shape[1:] != expected[name].shape[1:]:
             raise ValueError(f"state.{name}: shape {tuple(tensor.shape)} was made for another HMT config; this "
                              f"model needs (B, {', '.join(map(str, expected[name].shape[1:]))})")
+    state.validate(model.config, width=model.width, vocab_size=model.vocab_size)  # values: ranges, finite
 
 
 class _TextPieces:
@@ -185,6 +180,7 @@ def generate(model, prompts, max_new_tokens: int = 32, do_sample: bool = False, 
         if tokenizer is None:
             raise ValueError("prompts: text needs a model with a tokenizer (load the backbone by name or path)")
         for i, text in enumerate(items):
+            check_text(text, f"prompts[{i}]")
             if not text:
                 raise ValueError(f"prompts[{i}]: empty prompt; expected at least one character")
         items = [torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long).reshape(-1)
