@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--native", nargs="*", default=[], choices=("fp32", "bf16", "int8", "q4"),
+                        help="also the shipped default with kernels='native' and these weight formats")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -92,6 +94,10 @@ def main(argv=None) -> int:
         "shipped default, HMTModel.generate": model_generate(default),
         "shipped default, transformers engine": api(default, "transformers"),
     }
+    for weights in args.native:  # the native kernels: one-op decode step, low-precision weights
+        native = HMTModel.from_pretrained("default", kernels="native", weights=weights)
+        assert Scheduler(native).backend.fused_decode
+        configs[f"shipped default, native kernels, {weights} weights"] = api(native)
     results: dict = {}
     for context in args.contexts:
         prompt = torch.tensor(text_ids(default.tokenizer, context - args.new))

@@ -99,7 +99,7 @@ def load_model(args):
 
 def cmd_generate(args) -> int:
     from .api import generate
-    from .segment import ingest
+    from .api import ingest
     from .checks import check_text
 
     if (args.prompt is None) == (args.prompt_file is None):
