@@ -461,7 +461,12 @@ def test_no_import_circles_and_kernels_stand_alone():
             "for name in sys.argv[1:]:\n"
             "    for m in [k for k in sys.modules if k.startswith(('hmt_runtime', 'hmt_kernels'))]:\n"
             "        del sys.modules[m]\n"
-            "    importlib.import_module(name)\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except ModuleNotFoundError as err:  # an optional third-party dependency (e.g. fastapi)\n"
+            "        if err.name.startswith(('hmt_runtime', 'hmt_kernels')):\n"
+            "            raise\n"
+            "        continue\n"
             "    if name.startswith('hmt_kernels'):\n"
             "        assert not [k for k in sys.modules if k.startswith('hmt_runtime')], name\n")
     subprocess.run([sys.executable, "-c", code, "hmt_kernels", *modules], check=True, cwd=root,
