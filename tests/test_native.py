@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from hmt_runtime import native, ops as ops_module
-from hmt_runtime.ops import TORCH_OPS, attention_with_kvcache_torch, memory_write_torch, recall_torch, resolve_ops
+from hmt_runtime import backend as ops_module, native
+from hmt_runtime.backend import resolve_ops
+from hmt_runtime.ops import TORCH_OPS, attention_with_kvcache_torch, memory_write_torch, recall_torch
 
 needs_native = pytest.mark.skipif(
     not native.available(), reason="the native extension hmt_runtime._C is not built (pip install -e . --no-build-isolation)"
