@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu_decode.py                       # everything: about 15 minutes on 2 cores
     python benchmarks/bench_cpu_decode.py --formats fp32 q4 --contexts 256 2048 --systems llama.cpp hmt
     python benchmarks/bench_cpu_decode.py gemv                  # the weight-only GEMV kernels against F.linear
+    python benchmarks/bench_cpu_decode.py gemv --rows 256       # the same products for a 256-row prefill chunk
 
 Not run in CI; time it on an otherwise idle machine.  Every configuration runs in a fresh process (the parent
 only spawns them and collects one JSON line from each), with the same thread count (--threads, default 2), the
@@ -201,9 +202,10 @@ def spawn(spec: dict, timeout: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ GEMV
-def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int = 50) -> list[dict]:
-    """M = 1 products at SmolLM2-135M's shapes: ms per call and GB/s of weight storage read, per kernel build,
-    against F.linear over fp32 and bf16 weights; plus the whole model's chain (every matrix one decode step reads)."""
+def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int = 50, m: int = 1) -> list[dict]:
+    """M = m products at SmolLM2-135M's shapes (1: decode; 256: a prefill chunk, where the ops dequantize panels
+    of weight rows for torch's GEMM): ms per call and GB/s of weight storage read, per kernel build, against
+    F.linear over fp32 and bf16 weights; plus the whole model's chain (every matrix one decode step reads)."""
     import torch
     import torch.nn.functional as F
 
@@ -226,7 +228,7 @@ def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int =
     chain: dict[str, float] = {}
     for n, k, count in SMOLLM2_SHAPES:
         weight = torch.randn(n, k) * 0.02
-        x = torch.randn(1, k)
+        x = torch.randn(m, k)
         wb, xb = weight.bfloat16(), x.bfloat16()
         cases = [("F.linear fp32", None, weight.nbytes, lambda: F.linear(x, weight)),
                  ("F.linear bf16", None, wb.nbytes, lambda: F.linear(xb, wb))]
@@ -303,6 +305,7 @@ def main(argv=None) -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1, help="gemv mode: rows of x (1: decode, 256: prefill)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "cpu_decode")
     args = parser.parse_args(argv)
@@ -311,12 +314,13 @@ def main(argv=None) -> None:
         print(json.dumps(worker(json.loads(args.spec))), flush=True)
         return
     if args.mode == "gemv":
-        rows = gemv(args.threads)
+        rows = gemv(args.threads, m=args.rows, reps=max(2, 50 // args.rows))
         print("| shape | kernel | ms | GB/s | x fp32 F.linear |\n|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['shape']} | {r['kernel']} | {r['ms']:.3f} | {r['GB_s']:.1f} | {r['speedup_vs_fp32_F_linear']:.2f} |")
-        out = args.out.with_name(args.out.name + "_gemv.json")
-        out.write_text(json.dumps({"machine": machine(), "threads": args.threads, "rows": rows}, indent=1))
+        out = args.out.with_name(args.out.name + ("_gemv.json" if args.rows == 1 else f"_gemm{args.rows}.json"))
+        out.write_text(json.dumps({"machine": machine(), "threads": args.threads, "m": args.rows, "rows": rows},
+                                  indent=1))
         return
 
     try:

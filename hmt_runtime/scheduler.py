@@ -190,14 +190,18 @@ class Scheduler:
         static.copy_(embeds)
         return self.graphs.run(("summary", length), lambda: self.engine.encode(static)[:, -1]).clone()
 
-    def _recall(self, row: int, query_ids: torch.Tensor) -> None:
-        """P of ``row``'s current segment into state.recalled[row] (M_init while the memory is empty)."""
+    def _recall(self, row: int, query_ids: torch.Tensor, planned: "_Summaries | None" = None) -> None:
+        """P of ``row``'s current segment into state.recalled[row] (M_init while the memory is empty).
+        planned: summaries of this prompt computed ahead in batches (``_Summaries``), used when it holds this
+        query."""
         target = self.state.recalled[row : row + 1]
         if self.host[row].written == 0:
             target.copy_(self.model.memory_init)
             return
         st = self.state
-        summary = self._summarize(query_ids)
+        summary = planned.take(query_ids) if planned is not None else None
+        if summary is None:
+            summary = self._summarize(query_ids)
         self.ops.recall(summary, st.memory[row : row + 1], st.keys[row : row + 1], st.written[row : row + 1],
                         self.model.recall.w_q.weight, out=target)
 
@@ -223,13 +227,13 @@ class Scheduler:
         return rules.recall_query(self.cfg, tail, upcoming, complete=False, has_memory=h.written > 0)
 
     def _start(self, row: int, upcoming: torch.Tensor, chunk: torch.Tensor | None = None,
-               trailing: bool = False) -> torch.Tensor:
+               trailing: bool = False, planned: "_Summaries | None" = None) -> torch.Tensor:
         """Start ``row``'s segment: P from the recall query, then prefill [P ; E(sensory) ; E(chunk)] (and the
         trailing P when ``trailing``: the chunk completes the segment).  upcoming: (1, L) the segment's tokens
         known so far.  Returns the prefill's hidden states (1, 1 + k' + L + trailing, d)."""
         h = self.host[row]
         query, provisional = self._query(row, upcoming)
-        self._recall(row, query)
+        self._recall(row, query, planned)
         h.started, h.provisional = True, provisional
         self.state.started[row] = True
         self.state.provisional[row] = provisional
@@ -249,7 +253,8 @@ class Scheduler:
         self.kv.set_len(row, 0)
         return self.engine.prefill(row, self._segment_prefix(row, tokens), 0)[:, -1]
 
-    def _close(self, row: int, memory: torch.Tensor | None = None, start_next: bool = True) -> None:
+    def _close(self, row: int, memory: torch.Tensor | None = None, start_next: bool = True,
+               planned: "_Summaries | None" = None) -> None:
         """Feed the trailing P (unless its output ``memory`` (1, d) = M_n is given), write M_n, carry the sensory
         ids and the tail; in causal mode, with ``start_next``, start the next segment at once."""
         h, cfg, st = self.host[row], self.cfg, self.state
@@ -272,7 +277,7 @@ class Scheduler:
         h.started = h.provisional = False
         self.kv.set_len(row, 0)
         if cfg.recall == "causal" and start_next:
-            self._start(row, st.segment_ids[row : row + 1, :0])
+            self._start(row, st.segment_ids[row : row + 1, :0], planned=planned)
 
     # ------------------------------------------------------------------------------------------ ingestion
     def _feed(self, row: int, ids: torch.Tensor, on_progress=None) -> None:
@@ -280,10 +285,12 @@ class Scheduler:
 
         Two backbone passes per full segment: the summary pass, and one prefill of [P ; E(sensory) ; E(x) ; P]
         (the trailing P rides along when the chunk completes the segment; the next segment starts with the next
-        chunk).  A provisional paper-mode segment stops at j for its refresh."""
+        chunk).  A provisional paper-mode segment stops at j for its refresh.  The summary passes of the
+        segments that start inside ``ids`` are known ahead and run in batches (``_Summaries``)."""
         h, cfg, st = self.host[row], self.cfg, self.state
         last = None
         pos, total = 0, ids.shape[1]
+        planned = self._plan_summaries(row, ids)
         while pos < total:
             if not h.started:
                 upcoming = ids[:, pos : pos + cfg.segment_tokens]
@@ -291,7 +298,7 @@ class Scheduler:
                 take = rules.next_take(cfg, 0, provisional, total - pos)
                 chunk = ids[:, pos : pos + take]
                 trailing = rules.closes(cfg, take) and not provisional
-                hidden = self._start(row, upcoming, chunk, trailing)
+                hidden = self._start(row, upcoming, chunk, trailing, planned)
             else:
                 take = rules.next_take(cfg, h.segment_len, h.provisional, total - pos)
                 chunk = ids[:, pos : pos + take]
@@ -309,10 +316,34 @@ class Scheduler:
             if rules.refresh_due(cfg, h.provisional, h.segment_len):
                 last = self._refresh(row)
             if rules.closes(cfg, h.segment_len):
-                self._close(row, memory, start_next=pos == total)
+                self._close(row, memory, start_next=pos == total, planned=planned)
             if on_progress is not None:
                 on_progress(take)
         self.logits[row] = self.model.lm_logits(last)[0]
+
+    def _plan_summaries(self, row: int, ids: torch.Tensor) -> "_Summaries | None":
+        """The recall queries of the segments that will start while ``ids`` (1, L) is fed to ``row`` and lie
+        wholly inside it: causal mode, a segment starting at p >= j queries ids[p - j : p]; paper mode, a
+        segment starting at p with p + j <= L queries ids[p : p + j].  Segments start at p0, p0 + Ls, ...
+        (p0: where the row's current segment ends, or 0 when none is open).  A segment that starts before any
+        memory is written runs no recall and needs none.  None when fewer than two summaries would be batched
+        or CUDA graphs are on (they capture one summary pass per query length)."""
+        if self.graphs is not None:
+            return None
+        h, cfg = self.host[row], self.cfg
+        ls, j, total = cfg.segment_tokens, cfg.summary_tokens, ids.shape[1]
+        first = ls - h.segment_len if h.started else 0
+        starts = []
+        for p in range(first, total + 1, ls):
+            if p == 0 and h.written == 0:
+                continue  # the first segment of an empty memory: no recall
+            if cfg.recall == "causal" and p >= j:
+                starts.append((p, ids[0, p - j : p]))
+            elif cfg.recall == "paper" and p < total and p + j <= total:
+                starts.append((p, ids[0, p : p + j]))
+        if len(starts) < 2:
+            return None
+        return _Summaries(self, [q for _, q in starts])
 
     # ------------------------------------------------------------------------------------------ decoding
     def pick(self, do_sample: bool = False, warpers=None) -> None:
@@ -367,6 +398,34 @@ class Scheduler:
         st.segment_ids[rows, st.segment_len[:batch]] = self.tokens[:batch]
         st.segment_len[:batch] += live
         return self.logits
+
+
+class _Summaries:
+    """The summary passes of one prompt's segments, in order, run as batches of about ``BATCH_POSITIONS``
+    backbone positions (j + 2 per summary) when the first of a batch is needed, so that the activations stay
+    those of a ~1k-token pass (memory flat in the prompt's length) while the GEMMs see ~1k rows instead of j + 2.
+    ``take(query_ids)`` returns the next summary (1, d) if its query is ``query_ids``, else None (the caller then
+    runs its own pass)."""
+
+    BATCH_POSITIONS = 1024
+
+    def __init__(self, scheduler: Scheduler, queries: list[torch.Tensor]):
+        self.scheduler, self.queries = scheduler, queries
+        self.batch = max(1, self.BATCH_POSITIONS // (scheduler.cfg.summary_tokens + 2))
+        self.next, self.done = 0, None
+
+    def take(self, query_ids: torch.Tensor) -> torch.Tensor | None:
+        i = self.next
+        if i >= len(self.queries) or not torch.equal(self.queries[i], query_ids.reshape(-1)):
+            return None
+        if i % self.batch == 0:
+            model = self.scheduler.model
+            ids = torch.stack(self.queries[i : i + self.batch])
+            prompt = model.summary_prompt[:, None, :].expand(ids.shape[0], 1, -1)
+            embeds = torch.cat([prompt, model.embed(ids), prompt], dim=1)
+            self.done = self.scheduler.engine.encode(embeds)[:, -1]
+        self.next += 1
+        return self.done[i % self.batch : i % self.batch + 1]
 
 
 def check_ids(ids, vocab_size: int) -> torch.Tensor:

@@ -95,6 +95,30 @@ def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prefill_gemm_path_against_float64(fmt, fresh_seed, threads):
+    """From 32 rows of x on, the ops dequantize panels of weight rows and use torch's GEMM: several panels
+    (K = 1500: panels of 336 rows, a partial last block of 28 elements), a last partial panel, int8 scales and
+    bias applied per panel, the row-count threshold from both sides, and linear_out into a column slice."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    n, k = 700, 1500
+    layer = quant.from_weight(torch.randn(n, k, generator=g) * 0.05, fmt, torch.randn(n, generator=g))
+    w64 = layer.dequantize().double()
+    threads(2)
+    for m in (31, 32, 45):
+        x = torch.randn(m, k, generator=g)
+        y = layer(x)
+        _check_close(y, x, w64, layer.bias, fresh_seed, f"{fmt} gemm path M={m}")
+        buffer = torch.full((m, n + 20), float("nan"))
+        torch.ops.hmt.linear_out(x, layer.qweight, layer.scale, layer.bias, layer.kernel_format,
+                                 buffer[:, 7:7 + n])
+        assert torch.equal(buffer[:, 7:7 + n], y)
+        assert buffer[:, :7].isnan().all() and buffer[:, 7 + n:].isnan().all()
+    x3 = torch.randn(2, 20, k, generator=g)  # leading dimensions flatten to 40 rows
+    _check_close(layer(x3).reshape(40, n), x3.reshape(40, k), w64, layer.bias, fresh_seed, f"{fmt} gemm 3-D")
+
+
+@needs_native
 def test_linear_out_writes_a_column_slice(fresh_seed):
     g = torch.Generator().manual_seed(fresh_seed)
     layer = quant.from_weight(torch.randn(40, 64, generator=g), "q4")

@@ -222,10 +222,50 @@ def _peak_bytes(fn) -> int:
     return peak
 
 
-def test_ingestion_peak_memory_is_flat_in_length():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("recall", ["causal", "paper"])
+def test_summary_passes_run_batched_and_equal_one_at_a_time(family, recall, monkeypatch):
+    """Ingestion runs the summary passes of a prompt's segments in batches of several queries (a summary pass
+    is the only cache-free pass, so batches show as encode calls with B > 1), and the state and logits it
+    leaves equal those of one pass per segment; also when the prompt continues a state that ends mid-segment."""
+    from hmt_runtime.scheduler import _Summaries
+
+    model = make_model(family, recall, seed=3)
+    monkeypatch.setattr(_Summaries, "BATCH_POSITIONS", 3 * (model.config.summary_tokens + 2))  # 3 per batch
+    gen = torch.Generator().manual_seed(7)
+    head = torch.randint(0, VOCAB, (SEGMENT + 4,), generator=gen)
+    body = torch.randint(0, VOCAB, (8 * SEGMENT + 2,), generator=gen)
+
+    def run(batched: bool):
+        sched = Scheduler(model, rows=1)
+        batches = []
+        encode = sched.engine.encode
+        sched.engine.encode = lambda embeds: (batches.append(embeds.shape[0]), encode(embeds))[1]
+        if not batched:
+            sched._plan_summaries = lambda row, ids: None
+        row = sched.add(head)
+        state = sched.export(row)
+        sched.release(row)
+        row = sched.add(body, state=state)  # continues mid-segment
+        return sched.export(row), sched.logits[row].clone(), batches
+
+    want_state, want_logits, singles = run(False)
+    got_state, got_logits, batches = run(True)
+    assert set(singles) == {1} and max(batches) == 3, (singles, batches)
+    assert sum(batches) == len(singles)  # the same summaries, fewer passes
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-12, atol=1e-12)
+    for name, tensor in want_state.tensors().items():
+        torch.testing.assert_close(getattr(got_state, name), tensor, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_ingestion_peak_memory_is_flat_in_length(monkeypatch):
+    from hmt_runtime.scheduler import _Summaries
+
     model = make_model("llama", "causal", slots=3)
-    short = torch.randint(0, VOCAB, (1, 4 * SEGMENT))
-    long = torch.randint(0, VOCAB, (1, 40 * SEGMENT))  # 10x the tokens, 10x the memory writes (N = 3 slots)
+    # summary passes batched 6 at a time: both lengths hold many batches
+    monkeypatch.setattr(_Summaries, "BATCH_POSITIONS", 6 * (model.config.summary_tokens + 2))
+    short = torch.randint(0, VOCAB, (1, 20 * SEGMENT))
+    long = torch.randint(0, VOCAB, (1, 200 * SEGMENT))  # 10x the tokens, 10x the memory writes (N = 3 slots)
     ingest(model, short)  # warm-up: lazy initialisations
     peak_short = _peak_bytes(lambda: ingest(model, short))
     peak_long = _peak_bytes(lambda: ingest(model, long))

@@ -2,8 +2,12 @@
 #include "linear.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <mutex>
 
@@ -106,6 +110,10 @@ const IsaBuild& active() {
 
 int64_t block_count(int64_t k) { return (k + 31) / 32; }
 
+// From this many rows of x on, hmt::linear / linear_out run linear_gemm (prefill) instead of the weight-only
+// kernels (decode, short chunks).
+constexpr int64_t kGemmRows = 32;
+
 const char* format_name(WeightFormat f) {
   switch (f) {
     case WeightFormat::kF32:
@@ -128,6 +136,86 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 LinearArgs kernel_args(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {
   return LinearArgs{p.format, p.w, p.row_bytes, p.scale, p.k, x, ldx, m, p.bias, y, ldy};
+}
+
+float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Rows n0 .. n1 of W as float32 into out (n1 - n0, K), exactly as the kernels see them; int8 rows are the
+// integers themselves (the per-row scale multiplies the dot product, as in the kernels).
+void dequantize_rows(const PackedLinear& p, int64_t n0, int64_t n1, float* out) {
+  const int64_t k = p.k, blocks = block_count(k);
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n) {
+      const uint8_t* row = p.w + n * p.row_bytes;
+      float* o = out + (n - n0) * k;
+      switch (p.format) {
+        case WeightFormat::kF32:
+          std::memcpy(o, row, k * sizeof(float));
+          break;
+        case WeightFormat::kBF16: {
+          const auto* b = reinterpret_cast<const c10::BFloat16*>(row);
+          for (int64_t i = 0; i < k; ++i) o[i] = static_cast<float>(b[i]);
+          break;
+        }
+        case WeightFormat::kI8: {
+          const auto* q = reinterpret_cast<const int8_t*>(row);
+          for (int64_t i = 0; i < k; ++i) o[i] = static_cast<float>(q[i]);
+          break;
+        }
+        case WeightFormat::kQ4_1:
+          for (int64_t b = 0; b < blocks; ++b) {
+            const uint8_t* blk = row + b * 20;
+            const float d = half_at(blk), m = half_at(blk + 2);
+            float v[32];
+            for (int j = 0; j < 16; ++j) {
+              v[j] = d * static_cast<float>(blk[4 + j] & 0x0F) + m;
+              v[j + 16] = d * static_cast<float>(blk[4 + j] >> 4) + m;
+            }
+            const int64_t take = std::min<int64_t>(32, k - b * 32);
+            std::memcpy(o + b * 32, v, take * sizeof(float));
+          }
+          break;
+        case WeightFormat::kQ8_0:
+          for (int64_t b = 0; b < blocks; ++b) {
+            const uint8_t* blk = row + b * 34;
+            const float d = half_at(blk);
+            const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
+            const int64_t take = std::min<int64_t>(32, k - b * 32);
+            for (int64_t j = 0; j < take; ++j) o[b * 32 + j] = d * static_cast<float>(q[j]);
+          }
+          break;
+      }
+    }
+  });
+}
+
+// Many rows of x (prefill): the weight rows dequantized a panel at a time (about 2 MB of float32, so the
+// panel stays in cache) and multiplied by torch's float32 GEMM, which reuses each weight many times where the
+// weight-only kernels re-decode it per tile of x.  Same float32 products, another summation order.
+void linear_gemm(const PackedLinear& p, const at::Tensor& x2, const at::Tensor& y2) {
+  const int64_t panel = std::max<int64_t>(64, ((int64_t{1} << 19) / p.k) / 16 * 16);
+  at::Tensor w = at::empty({std::min(panel, p.n), p.k}, x2.options());
+  for (int64_t n0 = 0; n0 < p.n; n0 += panel) {
+    const int64_t n1 = std::min(p.n, n0 + panel);
+    at::Tensor wp = w.narrow(0, 0, n1 - n0);
+    dequantize_rows(p, n0, n1, wp.data_ptr<float>());
+    at::Tensor out = y2.narrow(1, n0, n1 - n0);
+    if (out.is_contiguous()) {
+      at::mm_out(out, x2, wp.t());
+    } else {
+      out.copy_(at::mm(x2, wp.t()));
+    }
+    if (p.format == WeightFormat::kI8) {
+      out.mul_(at::from_blob(const_cast<float*>(p.scale) + n0, {n1 - n0}, x2.options()));
+    }
+    if (p.bias != nullptr) {
+      out.add_(at::from_blob(const_cast<float*>(p.bias) + n0, {n1 - n0}, x2.options()));
+    }
+  }
 }
 
 }  // namespace
@@ -235,6 +323,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = p.n;
   at::Tensor y = at::empty(shape, x.options());
+  if (x2.size(0) >= kGemmRows) {
+    linear_gemm(p, x2, y.view({-1, p.n}));
+    return y;
+  }
   linear_parallel(p, x2.data_ptr<float>(), k, x2.size(0), y.data_ptr<float>(), p.n);
   return y;
 }
@@ -254,6 +346,10 @@ void linear_out(const at::Tensor& x, const at::Tensor& weight, const std::option
                     ": expected a contiguous last dimension");
   TORCH_CHECK_VALUE(x.stride(1) == 1 || x.size(1) == 1, "x has strides ", x.strides(),
                     ": expected a contiguous last dimension");
+  if (x.size(0) >= kGemmRows) {
+    linear_gemm(p, x, out);
+    return;
+  }
   linear_parallel(p, x.data_ptr<float>(), x.stride(0), x.size(0), out.data_ptr<float>(), out.stride(0));
 }
 
