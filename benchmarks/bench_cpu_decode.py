@@ -88,6 +88,7 @@ def _speeds(prompt_len: int, start: float, stamps: list[float]) -> dict:
 
 
 def run_llama_cpp(context: int, new_tokens: int, threads: int, fmt: str) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama, __version__
 
@@ -101,8 +102,14 @@ def run_llama_cpp(context: int, new_tokens: int, threads: int, fmt: str) -> dict
     start = time.perf_counter()
     llm.eval(prompt)
     stamps, tokens = [], []
+    vocab = llm.n_vocab()
+
+    def last_logits():
+        # llama-cpp-python 0.3.x keeps llm.scores only with logits_all=True; read the context's last output
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
     for _ in range(new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         tokens.append(token)
         stamps.append(time.perf_counter())
         llm.eval([token])

@@ -249,6 +249,11 @@ class Engine:
         Returns hidden (B, 1, d).  The device lengths advance; the host lengths wait for ``commit``."""
         raise NotImplementedError
 
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over decode hidden states (B, d) -> (B, V): ``model.lm_logits`` unless the engine has a
+        faster equal form."""
+        return model.lm_logits(hidden)
+
     def commit(self, live_rows: Iterable[int]) -> None:
         """Host-side bookkeeping after ``decode``: the live rows' lengths advanced by one."""
         for row in live_rows:
@@ -305,6 +310,18 @@ class LlamaEngine(Engine):
         self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
         self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
         self.step_args = self._step_args() if fused_decode else None
+        # With the fused decode step, a plain float32 LM head runs on the native weight-only kernel too (for a
+        # few rows it reads the weight ~2x faster than torch's GEMM on the CPUs measured).
+        head = inner.get_output_embeddings()
+        self.head = None
+        if (fused_decode and type(head) is nn.Linear and head.weight.dtype == torch.float32
+                and head.weight.is_contiguous() and not getattr(config, "final_logit_softcapping", None)):
+            self.head = (head.weight, None if head.bias is None else head.bias.float().contiguous())
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head is None or hidden.dtype != torch.float32 or hidden.shape[0] >= 32 or torch.is_grad_enabled():
+            return model.lm_logits(hidden)
+        return torch.ops.hmt.linear(hidden.contiguous(), self.head[0], None, self.head[1], "fp32")
 
     def _step_args(self) -> dict:
         """The per-model arguments of ``torch.ops.hmt.decode_step`` (weights in layer order, norms, eps)."""

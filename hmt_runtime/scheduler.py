@@ -393,7 +393,7 @@ class Scheduler:
         embeds = self.model.embed(self.tokens[:batch, None])  # (B, 1, d)
         live = self.live_mask[:batch]
         hidden = self.engine.decode(embeds, live, span, live_rows=[b for b in range(batch) if self.host[b].live])
-        self.logits[:batch] = self.model.lm_logits(hidden[:, 0])
+        self.logits[:batch] = self.engine.logits(self.model, hidden[:, 0])
         rows = self.row_index[:batch]
         st.segment_ids[rows, st.segment_len[:batch]] = self.tokens[:batch]
         st.segment_len[:batch] += live

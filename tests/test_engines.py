@@ -1,5 +1,7 @@
 """The engines (hmt_runtime/engines.py): the lean forward's projections in every form (nn.Linear, LoRA merged,
 QuantLinear with LoRA beside) and the native one-op decode step, against the python path and the forward."""
+import os
+
 import pytest
 import torch
 
@@ -81,6 +83,30 @@ def test_native_decode_step_equals_the_python_step(lora):
     for layer in range(fused.n_layers):  # the op appended the same keys and values
         assert torch.allclose(fused.kv.keys[layer], plain.kv.keys[layer], rtol=1e-4, atol=1e-5)
         assert torch.allclose(fused.kv.values[layer], plain.kv.values[layer], rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_fused_engine_lm_head_on_the_native_kernel():
+    """With the fused decode step, a float32 nn.Linear LM head runs on the native fp32 kernel for fewer than 32
+    rows: logits within the float32 summation bound of a float64 reference; 32 rows and more (and engines
+    without the fused step) use the model's own head."""
+    model = float_model(kernels="native", seed=5)
+    fused = LlamaEngine(model.backbone, 1, model.config.window, fused_decode=True)
+    plain = LlamaEngine(model.backbone, 1, model.config.window)
+    head = model.backbone.get_output_embeddings()
+    assert fused.head is not None and fused.head[0] is head.weight and plain.head is None
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for rows in (1, 5, 31, 32):
+            hidden = torch.randn(rows, model.width, generator=g)
+            got = fused.logits(model, hidden).double()
+            want = hidden.double() @ head.weight.double().T
+            bound = (model.width + 2) * 2.0 ** -24 * (hidden.double().abs() @ head.weight.double().abs().T)
+            assert ((got - want).abs() <= bound + 1e-30).all(), (rows, seed)
+            if rows >= 32:
+                assert torch.equal(fused.logits(model, hidden), model.lm_logits(hidden))
+            assert torch.equal(plain.logits(model, hidden), model.lm_logits(hidden))
 
 
 @needs_native
