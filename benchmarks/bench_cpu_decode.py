@@ -355,7 +355,39 @@ def main(argv=None) -> None:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"machine": machine(), "threads": args.threads, "new_tokens": args.new_tokens, "results": results}, indent=1))
     args.out.with_suffix(".md").write_text(table)
+    plot(results, args.out.with_suffix(".png"))
     print(table)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Decode and ingest tokens/s against context, one line per system and weight format."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = []
+    for r in results:
+        if (r["system"], r["format"]) not in keys:
+            keys.append((r["system"], r["format"]))
+    for ax, field, title in ((axes[0], "decode_tok_s", "decode (64 new tokens)"),
+                             (axes[1], "ingest_tok_s", "prompt ingestion")):
+        for system, fmt in keys:
+            points = sorted((r["context"], r[field]) for r in results
+                            if (r["system"], r["format"]) == (system, fmt) and field in r)
+            if points:
+                style = "--" if system == "llama.cpp" else (":" if system == "transformers" else "-")
+                ax.plot(*zip(*points), style, marker="o", label=f"{system} {fmt}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ class Launched:
         self.log.close()
 
 
-def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int,
+                extra: dict | None = None) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     sent = time.perf_counter()
     chunk_times, usage = [], None
     with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -118,8 +119,9 @@ def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tok
     return {"sent": sent, "done": done, "chunks": chunk_times, "tokens": tokens}
 
 
-def load(url: str, model: str, texts: list[str], clients: int, max_tokens: int) -> dict:
-    """``clients`` threads take requests from ``texts`` in order until none is left."""
+def load(url: str, model: str, texts: list[str], clients: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """``clients`` threads take requests from ``texts`` in order until none is left; ``extra``: more fields of
+    every request body."""
     results: list = [None] * len(texts)
     lock = threading.Lock()
     next_index = [0]
@@ -133,7 +135,7 @@ def load(url: str, model: str, texts: list[str], clients: int, max_tokens: int) 
                 if i >= len(texts):
                     return
                 try:
-                    results[i] = one_request(client, url, model, texts[i], max_tokens)
+                    results[i] = one_request(client, url, model, texts[i], max_tokens, extra)
                 except Exception as err:  # counted as an error in the report
                     results[i] = {"error": f"{type(err).__name__}: {err}"}
 
@@ -172,22 +174,35 @@ def gguf_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def eos_ids() -> list[int]:
+    """The default tokenizer's end tokens (<|endoftext|>, <|im_end|>): banned on the llama.cpp side."""
+    from transformers import AutoTokenizer
+
+    from hmt_runtime.backbones import default_backbone_folder
+
+    tok = AutoTokenizer.from_pretrained(default_backbone_folder(), local_files_only=True)
+    return sorted({t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+                               tok.convert_tokens_to_ids("<|endoftext|>")) if isinstance(t, int) and t >= 0})
+
+
 def markdown(report: dict) -> str:
     lines = [f"{report['clients']} concurrent clients, {report['requests']} streamed requests of "
              f"{report['max_tokens']} new tokens (temperature 0), prompts of {report['prompt_words']} words, "
              f"{report['threads']} CPU threads per server.", "",
-             "| server | tok/s | req/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| server | tok/s | req/s | completion tokens | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) "
+             "| errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def ms(d):
         return " / ".join("-" if d[k] is None else f"{1000 * d[k]:.0f}" for k in ("p50", "p90", "p99"))
 
     for name, side in report["sides"].items():
         if "skipped" in side:
-            lines.append(f"| {name} | skipped: {side['skipped']} | | | | |")
+            lines.append(f"| {name} | skipped: {side['skipped']} | | | | | |")
         else:
             lines.append(f"| {name} | {side['throughput_tok_s']:.1f} | {side['requests_per_s']:.2f} | "
-                         f"{ms(side['ttft_s'])} | {ms(side['itl_s'])} | {side['errors']} |")
+                         f"{side['completion_tokens']} | {ms(side['ttft_s'])} | {ms(side['itl_s'])} | "
+                         f"{side['errors']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,6 +261,9 @@ def main(argv=None) -> int:
         port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--model_alias",
                args.model_name, "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
+               "--n_threads_batch", str(args.threads),
+               # its default (True) cuts a running stream short whenever another request arrives
+               "--interrupt_requests", "False",
                "--n_ctx", str(args.ctx)]
         try:
             server = Launched(cmd, f"http://127.0.0.1:{port}", "/v1/models", logs / "llama_cpp.log",
@@ -254,7 +272,10 @@ def main(argv=None) -> int:
             report["sides"][name] = {"skipped": f"the server did not start: {' '.join(str(err).split())[:300]}"}
         else:
             try:
-                report["sides"][name] = load(server.url, args.model_name, texts, args.clients, args.max_tokens)
+                # the same work on both sides: every request runs to max_tokens (the llama.cpp server otherwise
+                # stops at the instruct model's end-of-turn token after a few tokens of these prompts)
+                report["sides"][name] = load(server.url, args.model_name, texts, args.clients, args.max_tokens,
+                                             extra={"logit_bias": {str(t): -100 for t in eos_ids()}})
                 if server.proc.poll() is not None:  # e.g. a llama-cpp-python build that crashes on inference
                     report["sides"][name] = {"skipped": f"the server exited with code {server.proc.returncode} "
                                                         f"during the run (log: {server.log_path})"}
