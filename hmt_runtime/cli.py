@@ -223,7 +223,12 @@ def cmd_info(args) -> int:
 
 def cmd_serve(args) -> int:
     from .backbones import cache_dir
-    from .server import serve
+
+    try:
+        from .server import serve
+    except ModuleNotFoundError as err:
+        raise ImportError(f"the server needs {err.name!r}, which is not installed: pip install fastapi uvicorn "
+                          "prometheus-client (all in requirements.txt)") from err
 
     if args.port > 65535:
         raise ValueError(f"--port {args.port}: expected a port number in [0, 65535]")

@@ -547,6 +547,16 @@ def test_cli_bad_values_are_one_line_errors(tmp_path, capsys, model_folder):
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
 
 
+def test_cli_serve_without_the_server_libraries_is_a_one_line_error(monkeypatch, capsys, model_folder):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "hmt_runtime.server", raising=False)
+    code, _, err = run_cli(["serve", "--model", str(model_folder), "--port", "0"], capsys)
+    assert code == 2 and "needs 'fastapi'" in err and "pip install" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_cli_checkpoint_and_output_dir_errors(tmp_path, capsys, model_folder):
     model = small_model()
     ck = tmp_path / "ck"
