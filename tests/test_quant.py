@@ -377,3 +377,24 @@ def test_default_model_q4_applies_the_adapters_beside_the_blocks():
         want, got = fp(ids).logits, q4(ids).logits
     assert (got - want).abs().max() < 1e-3 * want.abs().max(), (got - want).abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() == 1.0
+
+
+@pytest.mark.slow
+def test_default_model_greedy_tokens_equal_in_fp32_and_q4_on_real_text():
+    """200 greedy tokens of the shipped default after 600 tokens of held-out text, fp32 and q4 weights (the
+    GGUF's blocks, which dequantize exactly to the fp32 weights), each on the path users run (the scheduler
+    with its default kernels and engine): equal token for token."""
+    from pathlib import Path
+
+    from hmt_runtime import HMTModel
+    from hmt_runtime.api import generate_ids
+
+    fp = HMTModel.from_pretrained("default")
+    q4 = HMTModel.from_pretrained("default", weights="q4")
+    text = (Path(__file__).resolve().parents[1] / "data" / "austen" / "persuasion.txt").read_text(encoding="utf-8")
+    ids = fp.tokenizer(text[20000:40000], add_special_tokens=False).input_ids[:600]
+    prompt = torch.tensor([ids])
+    want = generate_ids(fp, prompt, max_new_tokens=200, eos_token_id=[])[0, 600:].tolist()
+    got = generate_ids(q4, prompt, max_new_tokens=200, eos_token_id=[])[0, 600:].tolist()
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    assert len(got) == len(want) == 200 and first is None, f"q4 leaves fp32's greedy tokens at new token {first}"
