@@ -196,11 +196,14 @@ class HMTModel(nn.Module):
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
+    def summary_embeddings(self, query_ids: torch.Tensor) -> torch.Tensor:
+        """The summary pass's input [T ; E(q) ; T]: query_ids (B, j') -> (B, j' + 2, d)."""
+        prompt = self.summary_prompt.expand(query_ids.shape[0], 1, -1)
+        return torch.cat([prompt, self.embed(query_ids), prompt], dim=1)
+
     def summarize(self, query_ids: torch.Tensor) -> torch.Tensor:
         """Spec step 1: query_ids (B, j') -> S (B, d), the final hidden state at the trailing T of [T ; E(q) ; T]."""
-        prompt = self.summary_prompt.expand(query_ids.shape[0], 1, -1)
-        embeds = torch.cat([prompt, self.embed(query_ids), prompt], dim=1)
-        return self.run_backbone(embeds)[:, -1]
+        return self.run_backbone(self.summary_embeddings(query_ids))[:, -1]
 
     def recall_memory(self, summary, memory, keys, written, ops: Ops | None = None) -> torch.Tensor:
         """Spec step 2: summary (B, d), memory (B, n, d), keys (B, n, d_h), written (B,) -> P (B, d)."""

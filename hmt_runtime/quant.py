@@ -41,8 +41,8 @@ the extension, on another device, or for float64 inputs and inputs that record a
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
+import os
 import re
 import warnings
 from pathlib import Path

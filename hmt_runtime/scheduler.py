@@ -181,8 +181,7 @@ class Scheduler:
 
     def _summarize(self, query_ids: torch.Tensor) -> torch.Tensor:
         """Spec step 1 on the engine: query_ids (1, j') -> S (1, d)."""
-        prompt = self.model.summary_prompt[:, None, :]
-        embeds = torch.cat([prompt, self.model.embed(query_ids), prompt], dim=1)
+        embeds = self.model.summary_embeddings(query_ids)
         if self.graphs is None:
             return self.engine.encode(embeds)[:, -1]
         length = embeds.shape[1]
@@ -333,17 +332,15 @@ class Scheduler:
         h, cfg = self.host[row], self.cfg
         ls, j, total = cfg.segment_tokens, cfg.summary_tokens, ids.shape[1]
         first = ls - h.segment_len if h.started else 0
-        starts = []
+        queries = []
         for p in range(first, total + 1, ls):
             if p == 0 and h.written == 0:
                 continue  # the first segment of an empty memory: no recall
             if cfg.recall == "causal" and p >= j:
-                starts.append((p, ids[0, p - j : p]))
+                queries.append(ids[0, p - j : p])
             elif cfg.recall == "paper" and p < total and p + j <= total:
-                starts.append((p, ids[0, p : p + j]))
-        if len(starts) < 2:
-            return None
-        return _Summaries(self, [q for _, q in starts])
+                queries.append(ids[0, p : p + j])
+        return _Summaries(self, queries) if len(queries) >= 2 else None
 
     # ------------------------------------------------------------------------------------------ decoding
     def pick(self, do_sample: bool = False, warpers=None) -> None:
@@ -419,10 +416,7 @@ class _Summaries:
         if i >= len(self.queries) or not torch.equal(self.queries[i], query_ids.reshape(-1)):
             return None
         if i % self.batch == 0:
-            model = self.scheduler.model
-            ids = torch.stack(self.queries[i : i + self.batch])
-            prompt = model.summary_prompt[:, None, :].expand(ids.shape[0], 1, -1)
-            embeds = torch.cat([prompt, model.embed(ids), prompt], dim=1)
+            embeds = self.scheduler.model.summary_embeddings(torch.stack(self.queries[i : i + self.batch]))
             self.done = self.scheduler.engine.encode(embeds)[:, -1]
         self.next += 1
         return self.done[i % self.batch : i % self.batch + 1]
