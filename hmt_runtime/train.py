@@ -41,6 +41,9 @@ from .model import HMTModel, shifted_cross_entropy
 MODES = ("full", "frozen", "lora")
 PRECISIONS = ("fp32", "bf16")
 LOSS_ON = ("last_segment", "after_first")
+LORA_TARGETS = ("attention", "all")
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "out_proj")
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3")
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 STATE_NAME = "trainer_state.pt"
@@ -68,6 +71,13 @@ class TrainConfig:
     recall_init_scale: W_q and W_k are multiplied by this before training starts (a resumed run then loads its
     checkpoint's values): recall scores scale with its square, so a value below 1 takes a saturated softmax
     (one-hot weights, zero gradients; docs/training.md) back to a trainable range.
+    recall_max_norm: a cap c on the spectral norm (largest singular value) of W_q and of W_k, applied before
+    training and after every optimizer step (None: no cap).  It bounds every recall score by
+    c^2 |S_n| |C_i| / sqrt(d_h), so the softmax cannot saturate and always passes gradient; the recall formula
+    and the saved weights are unchanged (a constraint on training, not a change of the model).
+    lora_targets: "attention" (q/k/v/o projections) or "all" (also the MLP's projections).  A model started
+    from a checkpoint whose adapter covers only the attention keeps those weights; the new MLP adapters start
+    at zero (LoRA's B = 0), so the run starts from exactly the checkpoint's function.
     """
 
     data: list[str] = field(default_factory=list)
@@ -102,6 +112,8 @@ class TrainConfig:
     distill_top_k: int = 64
     hmt_lr_scale: float = 1.0
     recall_init_scale: float = 1.0
+    recall_max_norm: float | None = None
+    lora_targets: str = "attention"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -127,6 +139,11 @@ class TrainConfig:
             raise ValueError(f"distill_top_k={self.distill_top_k!r}: expected an integer >= 1")
         if not self.recall_init_scale > 0:
             raise ValueError(f"recall_init_scale={self.recall_init_scale!r}: expected a number > 0")
+        if self.recall_max_norm is not None and (isinstance(self.recall_max_norm, bool)
+                                                 or not self.recall_max_norm > 0):
+            raise ValueError(f"recall_max_norm={self.recall_max_norm!r}: expected a number > 0 or None (no cap)")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"lora_targets={self.lora_targets!r}: expected one of {LORA_TARGETS}")
         if not self.hmt_lr_scale > 0:
             raise ValueError(f"hmt_lr_scale={self.hmt_lr_scale!r}: expected a number > 0")
         if not self.grad_clip >= 0:
@@ -144,27 +161,57 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------- model set-up
-def apply_mode(model: HMTModel, mode: str, lora_rank: int = 8) -> HMTModel:
+def apply_mode(model: HMTModel, mode: str, lora_rank: int = 8, lora_targets: str = "attention") -> HMTModel:
     """Make the parameters of ``mode`` trainable: "full" all, "frozen" the HMT ones, "lora" the HMT ones and a
-    LoRA adapter (rank ``lora_rank``, alpha 2 x rank, on q/k/v/o projections; added if the backbone has none)."""
+    LoRA adapter (rank ``lora_rank``, alpha 2 x rank) on the attention projections, and with
+    ``lora_targets="all"`` on the MLP's projections too.  A backbone without an adapter gets one; one whose
+    adapter lacks some of the targets gets a new adapter over all of them that keeps the old weights (the added
+    ones start at zero: the function is unchanged)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    if mode == "lora" and not hasattr(model.backbone, "peft_config"):
-        from peft import LoraConfig, get_peft_model
-
-        source = getattr(model.backbone, "hmt_source", None)
-        targets = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "out_proj")
-                   if any(name.endswith("." + n) for name, _ in model.backbone.named_modules())]
-        if not targets:
-            raise ValueError("mode='lora': found no attention projection (q_proj/k_proj/v_proj/o_proj) to adapt")
-        lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
-        model.backbone = get_peft_model(model.backbone, lora)
-        model.backbone.hmt_source = source
+    if lora_targets not in LORA_TARGETS:
+        raise ValueError(f"lora_targets={lora_targets!r}: expected one of {LORA_TARGETS}")
+    if mode == "lora":
+        _ensure_lora(model, lora_rank, lora_targets)
     for name, param in model.backbone.named_parameters():
         param.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
     for param in (model.summary_prompt, model.memory_init, *model.recall.parameters()):
         param.requires_grad_(True)
     return model
+
+
+def _ensure_lora(model: HMTModel, lora_rank: int, lora_targets: str) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    backbone = model.backbone
+    old = getattr(backbone, "peft_config", None)
+    base = backbone.get_base_model() if old is not None else backbone
+    wanted = _ATTENTION_PROJECTIONS + (_MLP_PROJECTIONS if lora_targets == "all" else ())
+    names = [name for name, module in base.named_modules() if isinstance(module, nn.Linear) or hasattr(module, "base_layer")]
+    targets = [t for t in wanted if any(name.endswith("." + t) for name in names)]
+    if not targets:
+        raise ValueError("mode='lora': found no attention projection (q_proj/k_proj/v_proj/o_proj) to adapt")
+    if old is not None:
+        have = set(old["default"].target_modules or ()) if "default" in old else set()
+        if set(targets) <= have:
+            return
+        if old["default"].r != lora_rank:
+            raise ValueError(f"lora_rank={lora_rank}: the model's adapter has rank {old['default'].r}; extending it "
+                             "to more targets needs the same rank")
+        kept = {k: v.detach().clone() for k, v in get_peft_model_state_dict(backbone).items()}
+        source = getattr(backbone, "hmt_source", None)
+        base = backbone.base_model.unload()  # the base model without the adapter layers (not merged)
+    else:
+        kept, source = None, getattr(backbone, "hmt_source", None)
+    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+    model.backbone = get_peft_model(base, lora)
+    model.backbone.hmt_source = source
+    if kept is not None:
+        result = set_peft_model_state_dict(model.backbone, kept)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"extending the LoRA adapter: {len(result.unexpected_keys)} of its weights found no "
+                             f"place (e.g. {result.unexpected_keys[0]})")
 
 
 def build_model(config: TrainConfig) -> HMTModel:
@@ -176,12 +223,24 @@ def build_model(config: TrainConfig) -> HMTModel:
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
-        return apply_mode(model, config.mode, config.lora_rank)
+        return apply_mode(model, config.mode, config.lora_rank, config.lora_targets)
     backbone, tokenizer = backbones.load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
     if config.warm_start:
         model.warm_start()
-    return apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank)
+    return apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank,
+                      config.lora_targets)
+
+
+def cap_recall_norm(model: HMTModel, cap: float | None) -> None:
+    """Scale W_q and W_k down (each on its own) where their spectral norm exceeds ``cap`` (None: no-op)."""
+    if cap is None:
+        return
+    with torch.no_grad():
+        for weight in (model.recall.w_q.weight, model.recall.w_k.weight):
+            norm = float(torch.linalg.matrix_norm(weight.double(), ord=2))
+            if norm > cap:
+                weight.mul_(cap / norm)
 
 
 def _scale_recall(model: HMTModel, scale: float) -> HMTModel:
@@ -508,9 +567,10 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
     else:
         if not isinstance(model, HMTModel):
             raise TypeError(f"model: expected an HMTModel, got {type(model).__name__}")
-        apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank)
+        apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank, config.lora_targets)
     model.to(device)
     model.train()
+    cap_recall_norm(model, config.recall_max_norm)
 
     if corpus is not None:
         docs = as_documents(corpus)
@@ -574,6 +634,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             lr = optimizer.param_groups[-1]["lr"]
             optimizer.step()
+            cap_recall_norm(model, config.recall_max_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -650,6 +711,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning-rate multiplier of the recall projections W_q, W_k (default %(default)s)")
     parser.add_argument("--recall-init-scale", type=float, default=d.recall_init_scale,
                         help="multiply W_q, W_k by this before training (scores scale with its square)")
+    parser.add_argument("--recall-max-norm", type=float, default=d.recall_max_norm, metavar="C",
+                        help="cap the spectral norm of W_q and W_k at C during training (bounded recall scores)")
+    parser.add_argument("--lora-targets", choices=LORA_TARGETS, default=d.lora_targets,
+                        help="projections the LoRA adapter covers (default %(default)s)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")

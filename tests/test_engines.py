@@ -26,7 +26,7 @@ def float_model(recall="causal", seed=0, kernels="torch", family="llama"):
     return model
 
 
-def with_lora(model, seed=1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")):
+def with_lora(model, seed=1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
     from peft import LoraConfig, get_peft_model
 
     model.backbone = get_peft_model(model.backbone, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))

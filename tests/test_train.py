@@ -385,3 +385,67 @@ def test_hmt_learning_rate_scale_and_option_errors(tmp_path):
                       (dict(distill_top_k=0), "distill_top_k"), (dict(hmt_lr_scale=0.0), "hmt_lr_scale")):
         with pytest.raises(ValueError, match=match):
             tiny_config(tmp_path, **kw)
+
+
+def test_recall_max_norm_caps_the_spectral_norm_of_w_q_and_w_k(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.recall.w_q.weight.mul_(50.0)  # far above the cap: scaled down before the first step
+    cap = 0.2
+    seen = []
+
+    def record(step, loss):
+        seen.append([float(torch.linalg.matrix_norm(w.detach(), ord=2))
+                     for w in (model.recall.w_q.weight, model.recall.w_k.weight)])
+    train(tiny_config(tmp_path / "c", recall_max_norm=cap, stage1_steps=0, stage2_steps=3, lr=0.5), model=model,
+          corpus=corpus(), progress=False, on_step=record)
+    assert len(seen) == 3
+    for norms in seen:
+        assert all(n <= cap * (1 + 1e-9) for n in norms), norms
+    assert any(n > 0.5 * cap for n in seen[-1])  # a cap, not a collapse
+    for value in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="recall_max_norm"):
+            tiny_config(tmp_path, recall_max_norm=value)
+
+
+def test_lora_targets_all_extends_an_attention_adapter_without_changing_the_function(tmp_path):
+    from hmt_runtime.train import apply_mode
+
+    model = apply_mode(tiny_model(), "lora", 2)
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    kept = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" in n}
+    assert not any("mlp" in n for n in kept)
+    ids = corpus(2, docs=2, length=3 * SEGMENT)
+    model.eval()
+    before = model(ids).logits
+    apply_mode(model, "lora", 2, "all")
+    after = model(ids).logits
+    assert torch.equal(before, after)  # the new MLP adapters start at B = 0
+    now = {n: p for n, p in model.backbone.named_parameters() if "lora_" in n}
+    for name, value in kept.items():
+        assert torch.equal(now[name], value), name
+    mlp = [n for n in now if ".mlp." in n]
+    assert {n.split(".mlp.")[1].split(".")[0] for n in mlp} == {"gate_proj", "up_proj", "down_proj"}
+    assert all(now[n].requires_grad for n in mlp)
+    # the extended adapter trains, saves and loads back to the same function
+    model = train(tiny_config(tmp_path / "a", mode="lora", lora_rank=2, lora_targets="all", stage1_steps=1,
+                              stage2_steps=1), model=model, corpus=corpus(), progress=False)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.backbone.named_parameters()
+               if ".mlp." in n and "lora_B" in n)
+    loaded = HMTModel.from_pretrained(tmp_path / "a" / "final", backbone=tiny_backbone("llama", 0, dtype=torch.float64))
+    loaded.to(torch.float64).eval()
+    model.eval()
+    assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="lora_targets"):
+        tiny_config(tmp_path, lora_targets="mlp")
+    with pytest.raises(ValueError, match="lora_rank"):
+        apply_mode(tiny_model_with_adapter(rank=2), "lora", 4, "all")
+
+
+def tiny_model_with_adapter(rank):
+    from hmt_runtime.train import apply_mode
+
+    return apply_mode(tiny_model(), "lora", rank)
