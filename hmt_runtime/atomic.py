@@ -75,16 +75,22 @@ def _describe(path: Path) -> str:
     return repr(str(path))
 
 
-def checked_target(target, what: str = "path") -> Path:
-    """The absolute target of a folder write; refuses an empty path, the current folder or one above it, the
-    root, a regular file and a path under a regular file (``what`` names the argument in the error)."""
-    if target is None or not isinstance(target, (str, os.PathLike)):
-        raise TypeError(f"{what}={target!r}: expected a folder path (str or os.PathLike)")
-    raw = os.fspath(target)
+def path_text(value, what: str = "path", expected: str = "a folder path") -> str:
+    """A path argument as text: clear errors (naming ``what``) for None, other types and an empty string."""
+    if value is None or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what}={value!r}: expected {expected} (str or os.PathLike)")
+    raw = os.fspath(value)
     if isinstance(raw, bytes):
         raw = os.fsdecode(raw)
     if not raw.strip():
-        raise ValueError(f"{what}={raw!r}: expected a folder path, got an empty string")
+        raise ValueError(f"{what}={raw!r}: expected {expected}, got an empty string")
+    return raw
+
+
+def checked_target(target, what: str = "path") -> Path:
+    """The absolute target of a folder write; refuses an empty path, the current folder or one above it, the
+    root, a regular file and a path under a regular file (``what`` names the argument in the error)."""
+    raw = path_text(target, what)
     path = Path(os.path.realpath(raw))
     cwd = Path(os.path.realpath(os.getcwd()))
     if path == cwd or path in cwd.parents or path.parent == path:

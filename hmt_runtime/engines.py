@@ -96,8 +96,7 @@ class Projection:
     """
 
     def __init__(self, module: nn.Module):
-        adapters = _lora_adapters(module)
-        base = module if adapters is None else module.base_layer
+        adapters, base = _projection_parts(module)
         self.lora_a = self.lora_b = None
         self.quant = None
         if type(base) is nn.Linear:
@@ -114,8 +113,6 @@ class Projection:
                 with torch.no_grad():
                     self.lora_a = torch.cat([a.float() * scale for a, _, scale in adapters]).contiguous()
                     self.lora_b = torch.cat([b.float() for _, b, _ in adapters], dim=1).contiguous()
-        else:
-            raise ValueError(f"a projection is a {type(base).__name__}, not an nn.Linear or a QuantLinear")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
@@ -165,6 +162,15 @@ def _sliding_window_below(config, window: int) -> bool:
     return sliding < window
 
 
+def _projection_parts(module: nn.Module):
+    """(LoRA adapters or None, base layer) of a projection; ValueError when the engine cannot run it."""
+    adapters = _lora_adapters(module)
+    base = module if adapters is None else module.base_layer
+    if type(base) is not nn.Linear and not _is_quant_linear(base):
+        raise ValueError(f"a projection is a {type(base).__name__}, not an nn.Linear or a QuantLinear")
+    return adapters, base
+
+
 def _lora_adapters(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
     """The active plain-LoRA adapters of a peft ``lora.Linear`` as (A (r, in), B (out, r), scale) triples;
     None when ``module`` is not a peft LoRA layer.  Raises ValueError for LoRA forms the merge cannot express."""
@@ -205,12 +211,9 @@ def lean_unsupported_reason(backbone: nn.Module, window: int) -> str | None:
             return "a layer has no self_attn / mlp"
         for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
             try:
-                adapters = _lora_adapters(module)
+                _projection_parts(module)
             except ValueError as err:
                 return str(err)
-            base = module if adapters is None else module.base_layer
-            if type(base) is not nn.Linear and not _is_quant_linear(base):
-                return f"a projection is a {type(base).__name__}, not an nn.Linear or a QuantLinear"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not hasattr(norm, "variance_epsilon") or set(vars(norm).get("_parameters", {})) != {"weight"}:
                 return f"a norm is a {type(norm).__name__} of unexpected form"

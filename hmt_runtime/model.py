@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -532,14 +531,7 @@ def _checkpoint_path(value, name: str = "directory") -> Path:
     """A checkpoint folder argument as a Path; clear errors for None, other types and an empty string."""
     if isinstance(value, Path):
         return value
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name}={value!r}: expected 'default' or a checkpoint folder path (str or os.PathLike)")
-    raw = os.fspath(value)
-    if isinstance(raw, bytes):
-        raw = os.fsdecode(raw)
-    if not raw.strip():
-        raise ValueError(f"{name}={raw!r}: expected 'default' or a checkpoint folder path, got an empty string")
-    return Path(raw)
+    return Path(atomic.path_text(value, name, "'default' or a checkpoint folder path"))
 
 
 def _record_adapter_base(adapter_dir: Path, source: str | None) -> None:
