@@ -118,12 +118,12 @@ def run_llama_cpp(context: int, new_tokens: int, threads: int, fmt: str) -> dict
     return out
 
 
-def _hmt_model(system: str, fmt: str):
+def _hmt_model(system: str, fmt: str, model: str = "default"):
     from hmt_runtime import HMTConfig, HMTModel, load_backbone
     from hmt_runtime.model import DEFAULT_DIR
 
     if system == "hmt":
-        return HMTModel.from_pretrained("default", weights=fmt)
+        return HMTModel.from_pretrained(model, weights=fmt)
     backbone, tokenizer = load_backbone("smollm2-135m", weights=fmt)
     meta = json.loads((DEFAULT_DIR / "hmt_config.json").read_text())
     model = HMTModel(backbone, HMTConfig.from_dict(meta["hmt"]), tokenizer=tokenizer)
@@ -131,12 +131,12 @@ def _hmt_model(system: str, fmt: str):
     return model.eval()
 
 
-def run_hmt(system: str, context: int, new_tokens: int, threads: int, fmt: str) -> dict:
+def run_hmt(system: str, context: int, new_tokens: int, threads: int, fmt: str, checkpoint: str = "default") -> dict:
     import torch
 
     from hmt_runtime import generate
 
-    model = _hmt_model(system, fmt)
+    model = _hmt_model(system, fmt, checkpoint)
     prompt = torch.tensor(corpus_ids(context))
     list(generate(model, prompt[:64], max_new_tokens=4, stream=True))  # warm-up
     start = time.perf_counter()
@@ -189,7 +189,7 @@ def worker(spec: dict) -> dict:
     if system == "llama.cpp":
         return run_llama_cpp(*args)
     if system in ("hmt", "hmt-base"):
-        return run_hmt(system, *args)
+        return run_hmt(system, *args, spec.get("model", "default"))
     return run_transformers(*args)
 
 
@@ -311,6 +311,7 @@ def main(argv=None) -> None:
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--model", default="default", help="the HMT checkpoint of the hmt system (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=1, help="gemv mode: rows of x (1: decode, 256: prefill)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
@@ -342,7 +343,7 @@ def main(argv=None) -> None:
         for fmt in formats:
             for context in args.contexts:
                 spec = {"system": system, "format": fmt.split()[0], "context": context,
-                        "new_tokens": args.new_tokens, "threads": args.threads}
+                        "new_tokens": args.new_tokens, "threads": args.threads, "model": args.model}
                 if system == "llama.cpp" and llama_missing:
                     result = {"skipped": llama_missing}
                 else:

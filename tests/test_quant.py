@@ -370,7 +370,7 @@ def test_default_model_q4_applies_the_adapters_beside_the_blocks():
     fp = HMTModel.from_pretrained("default", kernels="torch")
     q4 = HMTModel.from_pretrained("default", kernels="torch", weights="q4")
     lora = [m for m in q4.backbone.modules() if type(m).__name__ == "LoraQuantLinear"]
-    assert len(lora) == 30 * 4 and all(isinstance(m.base_layer, quant.QuantLinear) for m in lora)
+    assert len(lora) == 30 * 7 and all(isinstance(m.base_layer, quant.QuantLinear) for m in lora)  # q k v o gate up down
     ids = q4.tokenizer("Elizabeth walked to Netherfield through the mud, and arrived with her stockings dirty. " * 3,
                        return_tensors="pt").input_ids
     with torch.no_grad():
