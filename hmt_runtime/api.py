@@ -354,7 +354,7 @@ def ingest(model, input_ids: torch.Tensor, state: MemoryState | None = None, pro
     try:
         for b in range(input_ids.shape[0]):
             row = scheduler.add(input_ids[b].to(model.device), state=state.row(b),
-                                on_progress=bar.update if bar else None)
+                                on_progress=bar.update if bar else None, prompt=False)
             with torch.no_grad():
                 for name, tensor in scheduler.export(row).tensors().items():
                     getattr(state, name)[b].copy_(tensor[0])

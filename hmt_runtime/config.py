@@ -29,6 +29,10 @@ class HMTConfig:
     recall_dim: ``d_h``, width of the recall projections W_q and W_k.
     recall: "paper" (query = first j tokens of the segment) or "causal" (query = last j tokens before it).
     kernels: "auto", "torch", "triton" or "native": the backend of the hot-path ops (hmt_runtime.ops).
+    prompt_recall: the segment in which a prompt ends recalls with the last j ids of the prompt as its query
+        (docs/spec.md "Recall at the end of a prompt"), so that a question closing a prompt steers recall.
+        False (the paper's rule, and that of checkpoints that do not record the field) leaves every segment's
+        query to the recall mode.
     """
 
     segment_tokens: int = 222
@@ -38,6 +42,7 @@ class HMTConfig:
     recall_dim: int = 1536
     recall: str = "paper"
     kernels: str = "auto"
+    prompt_recall: bool = False
     window: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +66,8 @@ class HMTConfig:
             raise ValueError(f"recall={self.recall!r}: expected one of {RECALL_MODES}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={self.kernels!r}: expected one of {KERNEL_CHOICES}")
+        if not isinstance(self.prompt_recall, bool):
+            raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         self.window = self.segment_tokens + self.sensory_tokens + 2
 
     @classmethod
@@ -106,5 +113,6 @@ class HMTConfig:
         return (
             f"window W={self.window} = Ls {self.segment_tokens} + sensory k {self.sensory_tokens} + 2 memory positions; "
             f"summary j={self.summary_tokens}; memory slots N={self.memory_slots}; recall d_h={self.recall_dim}; "
-            f"recall mode {self.recall!r}; kernels {self.kernels!r}"
+            f"recall mode {self.recall!r}{'; recall at the end of a prompt' if self.prompt_recall else ''}; "
+            f"kernels {self.kernels!r}"
         )

@@ -90,6 +90,31 @@ def _check_labels(labels, shape, vocab_size: int) -> None:
                          "expected token ids or -100 (ignored)")
 
 
+def _check_prompt_end(prompt_end, shape, attention_mask=None):
+    """prompt_end: None, an int or a (B,) integer tensor / list with values in [1, row length] -> (B,) int64."""
+    if prompt_end is None:
+        return None
+    batch, length = shape
+    if isinstance(prompt_end, bool):
+        raise TypeError(f"prompt_end={prompt_end!r}: expected None, an int or {batch} ints")
+    if isinstance(prompt_end, int):
+        prompt_end = [prompt_end] * batch
+    try:
+        ends = torch.as_tensor(prompt_end)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"prompt_end: expected None, an int or {batch} ints, got {type(prompt_end).__name__}") from err
+    if ends.dtype.is_floating_point or ends.dtype == torch.bool or ends.dim() != 1 or ends.shape[0] != batch:
+        raise ValueError(f"prompt_end: expected {batch} integers (one per row), got shape {tuple(ends.shape)} "
+                         f"of dtype {ends.dtype}")
+    limits = torch.full((batch,), length) if attention_mask is None else attention_mask.long().sum(dim=1).cpu()
+    bad = (ends < 1) | (ends > limits)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"prompt_end: {int(ends[row])} in row {row}; expected a value in [1, {int(limits[row])}] "
+                         "(the number of prompt ids in that row)")
+    return ends.long()
+
+
 def _check_attention_mask(mask, shape) -> None:
     """attention_mask: a tensor of ``shape`` holding only 0 and 1 (bool, integer or float)."""
     if not isinstance(mask, torch.Tensor):
@@ -224,18 +249,21 @@ class HMTModel(nn.Module):
         return torch.cat(parts, dim=1)
 
     # ----------------------------------------------------------------------------------------- forward
-    def iter_segments(self, input_ids: torch.Tensor, use_recall: bool = True):
+    def iter_segments(self, input_ids: torch.Tensor, use_recall: bool = True, prompt_end=None):
         """Teacher-forced pass over ``input_ids`` (B, S), one segment at a time.
 
         Yields ``(start, hidden, memory)``: the segment's first token index, the final hidden states of its
         token positions (B, L, d) and its memory embedding M_n (B, d).  Gradients flow through every segment and
         the memory cache (no detach).  ``use_recall=False`` is training stage 1: segment n gets M_{n-1}.
+        ``prompt_end`` (B,) int64 or None: where each row's prompt ends (``forward``); with
+        ``config.prompt_recall`` the segment it falls in recalls with the prompt's last j ids.
         """
         cfg = self.config
         batch, length = input_ids.shape
         ops = self.ops()
         memories: list[torch.Tensor] = []
         sensory = tail = None
+        ends = prompt_end.tolist() if (prompt_end is not None and cfg.prompt_recall) else [None] * batch
         for start in range(0, length, cfg.segment_tokens):
             tokens = input_ids[:, start : start + cfg.segment_tokens]
             if not memories:
@@ -244,10 +272,16 @@ class HMTModel(nn.Module):
                 recalled = memories[-1]
             else:
                 query, _ = segment.recall_query(cfg, tail, tokens, complete=True)
+                summary = self.summarize(query)
+                index = start // cfg.segment_tokens
+                for row, end in enumerate(ends):  # spec "Recall at the end of a prompt"
+                    if end is not None and segment.prompt_segment(cfg, end) == index:
+                        own = segment.prompt_query(cfg, tail[row : row + 1], tokens[row : row + 1, : end - start])
+                        summary = torch.cat([summary[:row], self.summarize(own), summary[row + 1 :]])
                 cache = torch.stack(memories[-cfg.memory_slots :], dim=1)  # (B, n', d), the newest N
                 keys = self.recall.w_k(cache)
                 written = torch.full((batch,), cache.shape[1], dtype=torch.long, device=input_ids.device)
-                recalled = self.recall_memory(self.summarize(query), cache, keys, written, ops)
+                recalled = self.recall_memory(summary, cache, keys, written, ops)
             hidden = self.run_backbone(self.segment_embeddings(recalled, sensory, tokens))
             n_sensory = 0 if sensory is None else sensory.shape[1]
             memory = hidden[:, -1]
@@ -255,13 +289,17 @@ class HMTModel(nn.Module):
             yield start, hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]], memory
             sensory, tail = segment.carried(cfg, tokens)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, use_recall: bool = True, loss_on: str = "last_segment"):
+    def forward(self, input_ids, attention_mask=None, labels=None, use_recall: bool = True, loss_on: str = "last_segment",
+                prompt_end=None):
         """input_ids: (B, S) -> HMTOutput(loss, logits (B, S, V), memories (B, n_segments, d)).
 
         attention_mask: (B, S) of 1 for real tokens; padding must be on the right (rows are then run at their
         own lengths; logits of padded positions are zero).  labels: (B, S) token ids (-100 = ignore); the loss
         compares logits[:, t] with labels[:, t + 1].  loss_on="last_segment" (the spec's training loss: the
-        positions of the last segment) or "all" (every position).
+        positions of the last segment) or "all" (every position).  prompt_end: None, an int or (B,) ints in
+        [1, S]: the first ``prompt_end`` ids of a row are its prompt and the rest what was generated after it;
+        with ``config.prompt_recall`` this is the forward that generation from that prompt equals (spec "Recall
+        at the end of a prompt"); without it, it changes nothing.
         """
         input_ids = check_input_ids(input_ids, self.vocab_size)
         if loss_on not in ("last_segment", "all"):
@@ -270,6 +308,8 @@ class HMTModel(nn.Module):
             _check_labels(labels, input_ids.shape, self.vocab_size)
         if attention_mask is not None:
             _check_attention_mask(attention_mask, input_ids.shape)
+        prompt_end = _check_prompt_end(prompt_end, input_ids.shape, attention_mask)
+        if attention_mask is not None:
             lengths = attention_mask.long().sum(dim=1)
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             if not torch.equal(attention_mask.long().bool(), positions < lengths[:, None]):
@@ -277,10 +317,10 @@ class HMTModel(nn.Module):
             if int(lengths.min()) == 0:
                 raise ValueError("attention_mask: a row has no tokens; expected at least one per row")
             if int(lengths.min()) < input_ids.shape[1]:
-                return self._forward_padded(input_ids, lengths, labels, use_recall, loss_on)
+                return self._forward_padded(input_ids, lengths, labels, use_recall, loss_on, prompt_end)
 
         logits, memories = [], []
-        for start, hidden, memory in self.iter_segments(input_ids, use_recall=use_recall):
+        for start, hidden, memory in self.iter_segments(input_ids, use_recall=use_recall, prompt_end=prompt_end):
             logits.append(self.lm_logits(hidden))
             memories.append(memory)
         logits = torch.cat(logits, dim=1)
@@ -292,7 +332,7 @@ class HMTModel(nn.Module):
             loss = shifted_cross_entropy(logits, labels, first)
         return HMTOutput(loss=loss, logits=logits, memories=torch.stack(memories, dim=1))
 
-    def _forward_padded(self, input_ids, lengths, labels, use_recall, loss_on):
+    def _forward_padded(self, input_ids, lengths, labels, use_recall, loss_on, prompt_end=None):
         batch, length = input_ids.shape
         n_segments = math.ceil(length / self.config.segment_tokens)
         logits = input_ids.new_zeros((batch, length, self.vocab_size), dtype=self.dtype)
@@ -305,6 +345,7 @@ class HMTModel(nn.Module):
                 labels=None if labels is None else labels[row : row + 1, :n],
                 use_recall=use_recall,
                 loss_on=loss_on,
+                prompt_end=None if prompt_end is None else prompt_end[row : row + 1],
             )
             logits[row, :n] = out.logits[0]
             memories[row, : out.memories.shape[1]] = out.memories[0]

@@ -109,10 +109,12 @@ class Scheduler:
         return [b for b, h in enumerate(self.host) if h.live]
 
     def add(self, ids: torch.Tensor, state: MemoryState | None = None, row: int | None = None,
-            on_progress: Callable[[int], None] | None = None) -> int:
+            on_progress: Callable[[int], None] | None = None, prompt: bool = True) -> int:
         """Ingest ``ids`` (L,) (L >= 1; may be long: memory stays flat) into a free row, continuing ``state``
         (a batch-1 MemoryState, not modified) if given.  Returns the row; its next-token logits are in
-        ``self.logits[row]``.  On any error the row is freed and the other rows are untouched."""
+        ``self.logits[row]``.  ``prompt``: the ids end a prompt that generation continues (``end_prompt``);
+        False for a document read into a state (``hmt_runtime.ingest``).  On any error the row is freed and the
+        other rows are untouched."""
         if row is None:
             free = self.free_rows()
             if not free:
@@ -128,6 +130,8 @@ class Scheduler:
                 self._load(row, state)
                 self.host[row].live = True
                 self._feed(row, ids.to(self.model.device)[None], on_progress)
+                if prompt:
+                    self.end_prompt(row)
                 self.live_mask[row] = 1
         except BaseException:
             self.release(row)
@@ -218,12 +222,38 @@ class Scheduler:
     def _prefill_core(self, row, static):
         return self.engine.prefill(row, static, 0)
 
+    def _tail(self, row: int) -> torch.Tensor:
+        """(1, t) the last ids of ``row``'s previous segment (t <= j; t = 0 before the first closes)."""
+        return self.state.tail_ids[row : row + 1, self.cfg.summary_tokens - self.host[row].tail_len :]
+
     def _query(self, row: int, upcoming: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The recall query of ``row``'s next segment and whether it is provisional (``segment.recall_query``).
         upcoming: (1, L) the segment's tokens known so far."""
+        return rules.recall_query(self.cfg, self._tail(row), upcoming, complete=False,
+                                  has_memory=self.host[row].written > 0)
+
+    def end_prompt(self, row: int) -> None:
+        """A prompt has just been fed to ``row`` and generation follows.  With ``cfg.prompt_recall`` the segment
+        in which the prompt ends (the open one, or the next when it ended on a boundary) recalls with the prompt's
+        last j ids (``segment.prompt_query``; spec "Recall at the end of a prompt") and is prefilled again with
+        that P; nothing is provisional after it.  Without memory written yet there is nothing to recall."""
         h = self.host[row]
-        tail = self.state.tail_ids[row : row + 1, self.cfg.summary_tokens - h.tail_len :]
-        return rules.recall_query(self.cfg, tail, upcoming, complete=False, has_memory=h.written > 0)
+        if not self.cfg.prompt_recall or h.written == 0:
+            return
+        known = self.state.segment_ids[row : row + 1, : h.segment_len]
+        if h.started and h.segment_len == 0 and not h.provisional:
+            return  # a causal start on the boundary already queried the prompt's last j ids
+        with torch.no_grad():
+            self._recall(row, rules.prompt_query(self.cfg, self._tail(row), known))
+            h.started, h.provisional = True, False
+            self.state.started[row] = True
+            self.state.provisional[row] = False
+            self.kv.set_len(row, 0)
+            if h.segment_len == 0:
+                self._prefill_boundary(row, self._segment_prefix(row))
+                return
+            hidden = self.engine.prefill(row, self._segment_prefix(row, known), 0)
+            self.logits[row] = self.model.lm_logits(hidden[:, -1])[0]
 
     def _start(self, row: int, upcoming: torch.Tensor, chunk: torch.Tensor | None = None,
                trailing: bool = False, planned: "_Summaries | None" = None) -> torch.Tensor:

@@ -33,6 +33,19 @@ def recall_query(cfg, tail: torch.Tensor, known: torch.Tensor, complete: bool, h
     return torch.cat([tail, known], dim=1)[:, -j:], has_memory
 
 
+def prompt_query(cfg, tail: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The recall query of the segment in which a prompt ends, with ``cfg.prompt_recall`` (spec "Recall at the
+    end of a prompt"): the last j ids of the prompt.  tail: (B, t) the last ids before the segment; known: (B, L)
+    the segment's ids up to the prompt's end (L may be 0: the prompt ended on a boundary)."""
+    return torch.cat([tail, known], dim=1)[:, -cfg.summary_tokens :]
+
+
+def prompt_segment(cfg, prompt_end: int) -> int:
+    """The index of the segment whose recall the end of a prompt of ``prompt_end`` ids sets: the one holding the
+    prompt's last id, or, when the prompt ends on a boundary, the next one (it starts with the first new id)."""
+    return prompt_end // cfg.segment_tokens
+
+
 def refresh_due(cfg, provisional: bool, segment_len: int) -> bool:
     """A provisional P is recomputed from the segment's first j ids once it holds exactly j of them."""
     return provisional and segment_len == cfg.summary_tokens
