@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backbones
+from . import backbones, retrieval
 from .config import HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
 from .atomic import recover, staged_dir
@@ -75,6 +75,12 @@ class TrainConfig:
     training and after every optimizer step (None: no cap).  It bounds every recall score by
     c^2 |S_n| |C_i| / sqrt(d_h), so the softmax cannot saturate and always passes gradient; the recall formula
     and the saved weights are unchanged (a constraint on training, not a change of the model).
+    prompt_recall: the HMT config's rule (docs/spec.md "Recall at the end of a prompt"); a run started from a
+    checkpoint sets it on that checkpoint's config.
+    retrieval_every: every n-th step of stage 2 is a batch of retrieval prompts (``hmt_runtime.retrieval``,
+    ``split="train"``: a needle in segment-long haystacks of the training text, the question at the end, the
+    loss on the answer only), the others language modelling (0: never).  retrieval_segments: such a prompt
+    spans 2 to this many segments (drawn per step), so the answer is only in memory.
     lora_targets: "attention" (q/k/v/o projections) or "all" (also the MLP's projections).  A model started
     from a checkpoint whose adapter covers only the attention keeps those weights; the new MLP adapters start
     at zero (LoRA's B = 0), so the run starts from exactly the checkpoint's function.
@@ -114,6 +120,9 @@ class TrainConfig:
     recall_init_scale: float = 1.0
     recall_max_norm: float | None = None
     lora_targets: str = "attention"
+    prompt_recall: bool = False
+    retrieval_every: int = 0
+    retrieval_segments: int = 3
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,7 +131,7 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r}: expected one of {PRECISIONS}")
         for name, minimum in (("stage1_steps", 0), ("stage2_steps", 0), ("stage1_segments", 1),
                               ("stage2_segments", 1), ("batch_size", 1), ("lr_step", 1), ("lora_rank", 1),
-                              ("checkpoint_every", 1)):
+                              ("checkpoint_every", 1), ("retrieval_every", 0), ("retrieval_segments", 2)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
@@ -144,6 +153,8 @@ class TrainConfig:
             raise ValueError(f"recall_max_norm={self.recall_max_norm!r}: expected a number > 0 or None (no cap)")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected one of {LORA_TARGETS}")
+        if not isinstance(self.prompt_recall, bool):
+            raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         if not self.hmt_lr_scale > 0:
             raise ValueError(f"hmt_lr_scale={self.hmt_lr_scale!r}: expected a number > 0")
         if not self.grad_clip >= 0:
@@ -157,7 +168,8 @@ class TrainConfig:
 
     def hmt_config(self) -> HMTConfig:
         return HMTConfig.from_window(self.window, sensory_tokens=self.sensory_tokens, memory_slots=self.memory_slots,
-                                     recall_dim=self.recall_dim, recall=self.recall, kernels="auto")
+                                     recall_dim=self.recall_dim, recall=self.recall, kernels="auto",
+                                     prompt_recall=self.prompt_recall)
 
 
 # --------------------------------------------------------------------------------------------- model set-up
@@ -219,10 +231,12 @@ def build_model(config: TrainConfig) -> HMTModel:
     if config.init_from:
         model = _scale_recall(HMTModel.from_pretrained(config.init_from), config.recall_init_scale)
         ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
-        diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "kernels" and theirs.get(k) != v}
+        diff = {k: (theirs.get(k), v) for k, v in ours.items()
+                if k not in ("kernels", "prompt_recall") and theirs.get(k) != v}
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
+        model.config.prompt_recall = config.prompt_recall
         return apply_mode(model, config.mode, config.lora_rank, config.lora_targets)
     backbone, tokenizer = backbones.load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
@@ -268,16 +282,16 @@ class LastSegmentLoss(nn.Module):
         self.loss_on = loss_on
 
     def forward(self, input_ids: torch.Tensor, use_recall: bool, teacher=None, distill_weight: float = 0.0,
-                parts: dict | None = None) -> torch.Tensor:
+                parts: dict | None = None, prompt_end=None, labels=None) -> torch.Tensor:
         kept: list[tuple[int, torch.Tensor]] = []
-        for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall):
+        for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall, prompt_end=prompt_end):
             if self.loss_on == "last_segment":
                 kept = [(start, hidden)]
             elif start > 0 or input_ids.shape[1] <= self.model.config.segment_tokens:
                 kept.append((start, hidden))
         first = kept[0][0]
         logits = self.model.lm_logits(torch.cat([h for _, h in kept], dim=1))
-        loss = shifted_cross_entropy(logits, input_ids[:, first:])
+        loss = shifted_cross_entropy(logits, (input_ids if labels is None else labels)[:, first:])
         if parts is not None:
             parts["ce"] = loss.detach()
         if teacher is not None and distill_weight:
@@ -620,15 +634,25 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
         while step < config.total_steps:
             stage = 0 if step < config.stage1_steps else 1
             use_recall = stage == 1
-            indices = samplers[stage].next_batch()[rank::world]
-            ids = windows[stage].batch(indices).to(device)
             started = time.perf_counter()
-            teacher, parts = None, {}
-            if config.distill_weight:
-                with autocast:
-                    teacher = teacher_topk(model, ids, config.distill_top_k)
+            teacher, parts, extra = None, {}, {}
+            if use_recall and config.retrieval_every and (step + 1) % config.retrieval_every == 0:
+                rng = random.Random(config.seed * 1_000_003 + step)  # a function of the step: resumes exactly
+                segments = rng.randint(2, config.retrieval_segments)
+                ids, prompt_end, labels = retrieval.training_batch(model.tokenizer, docs, config.batch_size,
+                                                                   model.config, segments, rng)
+                ids = ids[rank::world].to(device)
+                extra = {"prompt_end": prompt_end[rank::world], "labels": labels[rank::world].to(device)}
+                parts["segments"] = torch.tensor(float(segments))
+            else:
+                indices = samplers[stage].next_batch()[rank::world]
+                ids = windows[stage].batch(indices).to(device)
+                if config.distill_weight:
+                    with autocast:
+                        teacher = teacher_topk(model, ids, config.distill_top_k)
             with segment_checkpointing(model, config.grad_checkpointing), autocast:
-                loss = objective(ids, use_recall, teacher, config.distill_weight, parts)
+                loss = objective(ids, use_recall, teacher, config.distill_weight if teacher is not None else 0.0,
+                                 parts, **extra)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -715,6 +739,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap the spectral norm of W_q and W_k at C during training (bounded recall scores)")
     parser.add_argument("--lora-targets", choices=LORA_TARGETS, default=d.lora_targets,
                         help="projections the LoRA adapter covers (default %(default)s)")
+    parser.add_argument("--prompt-recall", action="store_true",
+                        help="the segment in which a prompt ends recalls with the prompt's last j ids")
+    parser.add_argument("--retrieval-every", type=int, default=d.retrieval_every, metavar="N",
+                        help="every N-th stage-2 step is a batch of retrieval prompts (0 = never)")
+    parser.add_argument("--retrieval-segments", type=int, default=d.retrieval_segments,
+                        help="retrieval prompts span 2 to this many segments (default %(default)s)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")
