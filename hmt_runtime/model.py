@@ -27,7 +27,7 @@ from .atomic import staged_dir
 from .checks import check_finite, checksum_metadata, verify_checksums
 from .backend import model_ops
 from .config import HMTConfig
-from .ops import TORCH_OPS, Ops
+from .ops import TORCH_OPS, Ops, recall_scale_factor
 
 CONFIG_NAME = "hmt_config.json"
 WEIGHTS_NAME = "hmt.safetensors"
@@ -140,6 +140,11 @@ class HMTModel(nn.Module):
         return self.summary_prompt.shape[1]
 
     @property
+    def recall_scale(self) -> float | None:
+        """The ``scale`` argument of ``ops.recall`` for ``config.recall_scale`` (None: 1 / sqrt(d_h))."""
+        return recall_scale_factor(self.config.recall_scale, self.config.recall_dim)
+
+    @property
     def vocab_size(self) -> int:
         return backbones.vocab_size(self.backbone)
 
@@ -207,7 +212,7 @@ class HMTModel(nn.Module):
     def recall_memory(self, summary, memory, keys, written, ops: Ops | None = None) -> torch.Tensor:
         """Spec step 2: summary (B, d), memory (B, n, d), keys (B, n, d_h), written (B,) -> P (B, d)."""
         ops = ops or self.ops()
-        return ops.recall(summary, memory, keys, written, self.recall.w_q.weight)
+        return ops.recall(summary, memory, keys, written, self.recall.w_q.weight, scale=self.recall_scale)
 
     def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
         """Spec step 3: [P ; E(sensory) ; E(x) ; P] -> (B, 1 + k' + L + trailing, d).
