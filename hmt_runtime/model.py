@@ -467,6 +467,18 @@ class HMTModel(nn.Module):
                 expected[name].copy_(value)
 
     @classmethod
+    def from_hmt_pytorch(cls, checkpoint, backbone, **kwargs) -> "HMTModel":
+        """A model trained with the paper's code (HMT-pytorch): its ``state_dict`` file (``module.`` prefix or
+        not, LoRA or not) or the output of DeepSpeed's ``zero_to_fp32.py``, on ``backbone`` (a transformers model
+        folder or "smollm2-135m": its config and tokenizer).  Keyword arguments: ``window``, ``sensory_tokens``,
+        ``recall_dim`` (required), ``memory_slots``, ``sum_fraction``, ``recall_scale``, ``lora_alpha``, ``dtype``,
+        ``kernels``; see ``hmt_runtime.convert.from_hmt_pytorch`` and docs/hmt_pytorch.md.  LoRA adapters are
+        merged into the backbone; ``save_pretrained(..., save_backbone=True)`` keeps the result."""
+        from .convert import from_hmt_pytorch
+
+        return from_hmt_pytorch(checkpoint, backbone, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,
                         dtype: torch.dtype | None = None, weights: str | None = None):
         """Load a checkpoint written by ``save_pretrained``; "default" is the trained HMT shipped for
