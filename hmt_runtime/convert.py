@@ -97,13 +97,24 @@ def _load_file(path: Path) -> dict:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as err:  # pickle, zipfile and torch raise many error types for a file that is not one
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{str(path)!r} cannot be read as a state dict of tensors with torch.load(weights_only=True) "
-                         f"({type(err).__name__}: {first})") from None
+                         f"({_load_error(err)}); the converter never unpickles other objects") from None
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} holds a {type(data).__name__}; expected a state dict (a dict of tensors "
                          "saved with torch.save(model.state_dict(), ...))")
     return data
+
+
+def _load_error(err: Exception) -> str:
+    """The useful part of a torch.load error: the refused object, or the unpickler's reason, or its first line."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds a {found[1]} object, not only tensors"
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no details'}"
 
 
 def _sharded(folder: Path, index: Path) -> dict:
@@ -146,7 +157,10 @@ def read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
     else:
         state = _load_file(path)
     for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise ValueError(f"checkpoint {str(path)!r}: key {key!r} is a {type(key).__name__}; expected a state "
+                             "dict with string keys")
+        if not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint {str(path)!r}: entry {key!r} is a {type(value).__name__}; expected a state "
                              "dict whose every entry is a tensor")
     if not state:

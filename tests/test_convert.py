@@ -322,3 +322,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("hmt convert: ") and match in err and err.count("\n") == 1, err
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_converted_linear_checkpoint_can_be_fine_tuned_from(tmp_path):
+    """Training has no recall_scale option: a run started from a converted checkpoint keeps the checkpoint's."""
+    from hmt_runtime.convert import convert_hmt_pytorch
+    from hmt_runtime.train import TrainConfig, build_model
+
+    state, _ = reference_checkpoint("llama")
+    torch.save(state, tmp_path / "model_weights_1.pth")
+    folder = save_backbone_folder(tmp_path / "backbone")
+    convert_hmt_pytorch(tmp_path / "model_weights_1.pth", folder, tmp_path / "converted", window=WINDOW,
+                        sensory_tokens=SENSORY, recall_dim=RECALL_DIM, memory_slots=SLOTS, recall_scale="linear")
+    config = TrainConfig(init_from=str(tmp_path / "converted"), window=WINDOW, sensory_tokens=SENSORY,
+                         memory_slots=SLOTS, recall_dim=RECALL_DIM, recall="paper", mode="frozen")
+    assert build_model(config).config.recall_scale == "linear"
+    with pytest.raises(ValueError, match="memory_slots"):
+        build_model(TrainConfig(init_from=config.init_from, window=WINDOW, sensory_tokens=SENSORY, memory_slots=5,
+                                recall_dim=RECALL_DIM, recall="paper", mode="frozen"))
