@@ -1,8 +1,9 @@
 """Memory recall and memory write (spec "Recall"), one launch each, no host synchronisation.
 
-``recall`` computes ``P = softmax((S W_q^T) K^T / sqrt(d_h)) C`` over the valid slots of the ring buffer.  The
-query projection is a GEMV with the large W_q (d_h, d), so the launch is spread over chunks of d_h: program
-(j, b) computes q[chunk j] and its contribution to every slot's score, added atomically into a float32 scratch.
+``recall`` computes ``P = softmax((S W_q^T) K^T / sqrt(d_h)) C`` (or another given score ``scale``) over the
+valid slots of the ring buffer.  The query projection is a GEMV with the large W_q (d_h, d), so the launch is
+spread over chunks of d_h: program (j, b) computes q[chunk j] and its contribution to every slot's score, added
+atomically into a float32 scratch.
 The slots are cut into groups of GROUP_N; the program that completes a group's scores (the last of the d_h chunks
 to add to it, found with an atomic counter) computes that group's softmax partial (max, sum, weighted sum of its
 memory rows), and the program that completes the last group merges the partials by log-sum-exp and writes P.
@@ -217,7 +218,7 @@ def _check_written(written, batch: int, device) -> None:
         raise ValueError(f"written is on {written.device}, expected {device}")
 
 
-def recall(summary, memory, keys, written, w_q, out=None):
+def recall(summary, memory, keys, written, w_q, out=None, scale=None):
     """Recall P from the memory ring buffer in one launch.
 
     Args:
@@ -227,9 +228,10 @@ def recall(summary, memory, keys, written, w_q, out=None):
         written: (B,) int64 device tensor, memories written so far; valid slots are the first min(written, N).
         w_q: (d_h, d) query projection (``nn.Linear.weight``).
         out: optional (B, d) destination, any strides (e.g. a row of an input-embedding buffer).
+        scale: the factor of the scores (None: 1 / sqrt(d_h); ``hmt_runtime.ops.recall_scale_factor``).
 
     Returns:
-        P: (B, d) = softmax((S W_q^T) K^T / sqrt(d_h)) C over the valid slots; zeros for a row with no valid
+        P: (B, d) = softmax(scale (S W_q^T) K^T) C over the valid slots; zeros for a row with no valid
         slot.  ``out`` if given (written in its dtype), else a new tensor of memory's dtype.
     """
     if not isinstance(memory, torch.Tensor) or memory.dim() != 3:
@@ -259,7 +261,7 @@ def recall(summary, memory, keys, written, w_q, out=None):
         summary, memory, keys, written, w_q, out,
         scores, group_cnt, row_cnt, part_acc, part_ml,
         *summary.stride(), *memory.stride(), *keys.stride(), *w_q.stride(), *out.stride(),
-        n_slots, d_model, d_h, max_groups, 1.0 / math.sqrt(d_h),
+        n_slots, d_model, d_h, max_groups, 1.0 / math.sqrt(d_h) if scale is None else float(scale),
         BLOCK_H=block_h, BLOCK_DM=block_dm, GROUP_N=GROUP_N, BLOCK_C=block_c,
         BLOCK_G=max(2, triton.next_power_of_2(max_groups)), num_warps=4,
     )

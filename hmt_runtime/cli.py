@@ -1,4 +1,4 @@
-"""The `hmt` command: generate, info (and train / eval when those modules are present)."""
+"""The `hmt` command: generate, info, serve, convert (and train / eval when those modules are present)."""
 from __future__ import annotations
 
 import argparse
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     add_model_arguments(srv)
     srv.set_defaults(func=cmd_serve)
-    for module, hook in (("train", "add_train_parser"), ("evaluate", "add_eval_parser"), ("corpus", "add_data_parser")):
+    for module, hook in (("train", "add_train_parser"), ("evaluate", "add_eval_parser"), ("corpus", "add_data_parser"),
+                         ("convert", "add_convert_parser")):
         try:
             mod = __import__(f"hmt_runtime.{module}", fromlist=[hook])
         except ImportError:

@@ -9,8 +9,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .backend import KERNEL_CHOICES
+from .ops import RECALL_SCALES
 
 RECALL_MODES = ("paper", "causal")
+# Fields added after the first checkpoints, and the value a config saved without them means.
+SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False}
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -28,6 +31,8 @@ class HMTConfig:
     memory_slots: ``N``, memory embeddings kept for recall (the newest N).
     recall_dim: ``d_h``, width of the recall projections W_q and W_k.
     recall: "paper" (query = first j tokens of the segment) or "causal" (query = last j tokens before it).
+    recall_scale: "sqrt" (recall scores divided by sqrt(d_h), the spec) or "linear" (divided by d_h: models
+        trained with the paper's code at d >= 4096 and d_h >= 4096, docs/hmt_pytorch.md).
     kernels: "auto", "torch", "triton" or "native": the backend of the hot-path ops (hmt_runtime.ops).
     prompt_recall: the segment in which a prompt ends recalls with the last j ids of the prompt as its query
         (docs/spec.md "Recall at the end of a prompt"), so that a question closing a prompt steers recall.
@@ -42,6 +47,7 @@ class HMTConfig:
     recall_dim: int = 1536
     recall: str = "paper"
     kernels: str = "auto"
+    recall_scale: str = "sqrt"
     prompt_recall: bool = False
     window: int = field(init=False)
 
@@ -64,6 +70,8 @@ class HMTConfig:
         _check_int("recall_dim", self.recall_dim, 1)
         if self.recall not in RECALL_MODES:
             raise ValueError(f"recall={self.recall!r}: expected one of {RECALL_MODES}")
+        if self.recall_scale not in RECALL_SCALES:
+            raise ValueError(f"recall_scale={self.recall_scale!r}: expected one of {RECALL_SCALES}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={self.kernels!r}: expected one of {KERNEL_CHOICES}")
         if not isinstance(self.prompt_recall, bool):
@@ -113,6 +121,8 @@ class HMTConfig:
         return (
             f"window W={self.window} = Ls {self.segment_tokens} + sensory k {self.sensory_tokens} + 2 memory positions; "
             f"summary j={self.summary_tokens}; memory slots N={self.memory_slots}; recall d_h={self.recall_dim}; "
-            f"recall mode {self.recall!r}{'; recall at the end of a prompt' if self.prompt_recall else ''}; "
-            f"kernels {self.kernels!r}"
+            f"recall mode {self.recall!r}"
+            + (f", scores / d_h (recall_scale {self.recall_scale!r})" if self.recall_scale != "sqrt" else "")
+            + ("; recall at the end of a prompt" if self.prompt_recall else "")
+            + f"; kernels {self.kernels!r}"
         )

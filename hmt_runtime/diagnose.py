@@ -4,7 +4,7 @@
 
 Reports, on the text's segments streamed one at a time (causal recall):
 - the recall weights: their entropy over the valid memory slots against the uniform distribution's log(n),
-  the largest weight, and the spread of the raw scores (S W_q)(C W_k)^T / sqrt(d_h);
+  the largest weight, and the spread of the raw scores (S W_q)(C W_k)^T / sqrt(d_h) (/ d_h: recall_scale "linear");
 - the memory embeddings: their norm against the token embeddings' norm, the mean cosine similarity of the
   memories of different segments, and how close the recalled P is to the newest memory M_{n-1};
 - whole-text perplexity with recall, without recall (P = M_{n-1}), with the recall weights replaced by the
@@ -50,7 +50,9 @@ def _stream(model: HMTModel, ids: torch.Tensor, variant: str, foreign: list[torc
             summary = model.summarize(ids[:, start - cfg.summary_tokens : start])
             query = model.recall.w_q(summary)
             keys = model.recall.w_k(cache)
-            scores = torch.einsum("bh,bnh->bn", query, keys) / math.sqrt(keys.shape[-1])
+            scores = torch.einsum("bh,bnh->bn", query, keys)
+            scale = model.recall_scale  # None: 1 / sqrt(d_h)
+            scores = scores / math.sqrt(keys.shape[-1]) if scale is None else scores * scale
             weights = torch.softmax(scores.float(), dim=-1)
             if variant == "uniform":
                 weights = torch.full_like(weights, 1.0 / weights.shape[1])

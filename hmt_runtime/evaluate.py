@@ -243,7 +243,8 @@ def rmt_view(model: HMTModel) -> HMTModel:
     """The RMT ablation of ``model``: same backbone and parameters, no sensory tokens, the same window W."""
     cfg = model.config
     rmt_cfg = HMTConfig.from_window(cfg.window, sensory_tokens=0, memory_slots=cfg.memory_slots,
-                                    recall_dim=cfg.recall_dim, recall=cfg.recall, kernels=cfg.kernels)
+                                    recall_dim=cfg.recall_dim, recall=cfg.recall, kernels=cfg.kernels,
+                                    recall_scale=cfg.recall_scale)
     rmt = HMTModel(model.backbone, rmt_cfg, tokenizer=model.tokenizer)
     with torch.no_grad():
         for name, value in rmt.hmt_state_dict().items():

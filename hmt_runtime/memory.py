@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from .atomic import staged_file
 from .checks import checksum_metadata, verify_checksums
+from .config import SAVED_DEFAULTS
 
 _TENSORS = (
     "memory", "keys", "written", "sensory_ids", "sensory_len", "segment_ids", "segment_len",
@@ -236,6 +237,7 @@ class MemoryState:
             if not isinstance(saved, dict):
                 raise ValueError(f"{path!r}: metadata field 'hmt_config' is not a JSON object")
             ours = config.to_dict()
+            saved = {**SAVED_DEFAULTS, **saved}
             diff = {k: (saved.get(k), ours[k]) for k in ours if k != "kernels" and saved.get(k) != ours[k]}
             if diff:
                 raise ValueError(f"memory state {path!r} was made with another HMT config: {diff} (saved, this model)")

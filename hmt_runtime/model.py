@@ -27,7 +27,7 @@ from .atomic import staged_dir
 from .checks import check_finite, checksum_metadata, verify_checksums
 from .backend import model_ops
 from .config import HMTConfig
-from .ops import TORCH_OPS, Ops
+from .ops import TORCH_OPS, Ops, recall_scale_factor
 
 CONFIG_NAME = "hmt_config.json"
 WEIGHTS_NAME = "hmt.safetensors"
@@ -165,6 +165,11 @@ class HMTModel(nn.Module):
         return self.summary_prompt.shape[1]
 
     @property
+    def recall_scale(self) -> float | None:
+        """The ``scale`` argument of ``ops.recall`` for ``config.recall_scale`` (None: 1 / sqrt(d_h))."""
+        return recall_scale_factor(self.config.recall_scale, self.config.recall_dim)
+
+    @property
     def vocab_size(self) -> int:
         return backbones.vocab_size(self.backbone)
 
@@ -232,7 +237,7 @@ class HMTModel(nn.Module):
     def recall_memory(self, summary, memory, keys, written, ops: Ops | None = None) -> torch.Tensor:
         """Spec step 2: summary (B, d), memory (B, n, d), keys (B, n, d_h), written (B,) -> P (B, d)."""
         ops = ops or self.ops()
-        return ops.recall(summary, memory, keys, written, self.recall.w_q.weight)
+        return ops.recall(summary, memory, keys, written, self.recall.w_q.weight, scale=self.recall_scale)
 
     def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
         """Spec step 3: [P ; E(sensory) ; E(x) ; P] -> (B, 1 + k' + L + trailing, d).
@@ -501,6 +506,18 @@ class HMTModel(nn.Module):
         with torch.no_grad():
             for name, value in tensors.items():
                 expected[name].copy_(value)
+
+    @classmethod
+    def from_hmt_pytorch(cls, checkpoint, backbone, **kwargs) -> "HMTModel":
+        """A model trained with the paper's code (HMT-pytorch): its ``state_dict`` file (``module.`` prefix or
+        not, LoRA or not) or the output of DeepSpeed's ``zero_to_fp32.py``, on ``backbone`` (a transformers model
+        folder or "smollm2-135m": its config and tokenizer).  Keyword arguments: ``window``, ``sensory_tokens``,
+        ``recall_dim`` (required), ``memory_slots``, ``sum_fraction``, ``recall_scale``, ``lora_alpha``, ``dtype``,
+        ``kernels``; see ``hmt_runtime.convert.from_hmt_pytorch`` and docs/hmt_pytorch.md.  LoRA adapters are
+        merged into the backbone; ``save_pretrained(..., save_backbone=True)`` keeps the result."""
+        from .convert import from_hmt_pytorch
+
+        return from_hmt_pytorch(checkpoint, backbone, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,

@@ -97,14 +97,16 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
     return first.device.type == "cpu" or (first.device.type == "cuda" and _state.get("cuda", False))
 
 
-def recall(summary, memory, keys, written, w_q, out=None):
+def recall(summary, memory, keys, written, w_q, out=None, scale=None):
     """P = softmax((S W_q^T) K^T / sqrt(d_h)) @ memory over the valid slots; see ``hmt_runtime.ops``.
 
     summary: (B, d); memory: (B, N, d); keys: (B, N, d_h); written: (B,) int64; w_q: (d_h, d);
     out: optional (B, d), may be a strided view.  Returns P: (B, d) (zeros for rows with nothing written).
+    scale: the factor of the scores; the native op has 1 / sqrt(d_h) built in, so another ``scale`` (the
+    "linear" recall scale) runs the torch recall (one small op per segment).
     """
-    if not _kernel_ok(summary, memory, keys, w_q):
-        return recall_torch(summary, memory, keys, written, w_q, out=out)
+    if scale is not None or not _kernel_ok(summary, memory, keys, w_q):
+        return recall_torch(summary, memory, keys, written, w_q, out=out, scale=scale)
     result = torch.ops.hmt.recall.default(summary, memory, keys, written, w_q)
     if out is not None:
         out.copy_(result)

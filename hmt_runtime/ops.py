@@ -4,11 +4,12 @@ This module is the bottom of the package (it imports nothing of it); ``hmt_runti
 
 Every backend (torch, Triton, native C++/CUDA) implements the same three functions with the same contract:
 
-``recall(summary, memory, keys, written, w_q, out=None) -> P``
+``recall(summary, memory, keys, written, w_q, out=None, scale=None) -> P``
     summary: (B, d) summary states S_n.  memory: (B, N, d) ring buffer of memory embeddings.
     keys: (B, N, d_h) cached keys (memory @ w_q-shaped W_k^T).  written: (B,) int64, memories written so far per
     row; the valid slots are the first ``min(written, N)``.  w_q: (d_h, d) (``nn.Linear.weight``).
-    Returns P: (B, d) = softmax((S W_q^T)(K)^T / sqrt(d_h)) @ memory over valid slots (spec "Recall").
+    Returns P: (B, d) = softmax(scale (S W_q^T)(K)^T) @ memory over valid slots (spec "Recall"); ``scale``
+    None means 1 / sqrt(d_h) (``HMTConfig.recall_scale``: ``recall_scale_factor``).
     A row with no valid slot gets zeros (callers use M_init there).  ``out`` (B, d), if given, receives P
     (it may be a strided view, e.g. a row of an input-embedding buffer) and is returned.
 
@@ -34,11 +35,26 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-def recall_torch(summary, memory, keys, written, w_q, out=None):
+RECALL_SCALES = ("sqrt", "linear")
+
+
+def recall_scale_factor(recall_scale: str, recall_dim: int) -> float | None:
+    """The ``scale`` argument of ``recall`` for ``HMTConfig.recall_scale``: None (every backend's default,
+    1 / sqrt(d_h), the spec) for "sqrt"; 1 / d_h for "linear" (the teacher-forced forward of the paper's code at
+    d >= 4096 and d_h >= 4096, docs/hmt_pytorch.md)."""
+    if recall_scale == "sqrt":
+        return None
+    if recall_scale == "linear":
+        return 1.0 / recall_dim
+    raise ValueError(f"recall_scale={recall_scale!r}: expected one of {RECALL_SCALES}")
+
+
+def recall_torch(summary, memory, keys, written, w_q, out=None, scale=None):
     n_slots = memory.shape[1]
     count = written.clamp(max=n_slots)
     query = summary @ w_q.t()  # (B, d_h)
-    scores = torch.einsum("bh,bnh->bn", query, keys) / math.sqrt(keys.shape[-1])
+    scores = torch.einsum("bh,bnh->bn", query, keys)
+    scores = scores / math.sqrt(keys.shape[-1]) if scale is None else scores * scale
     valid = torch.arange(n_slots, device=memory.device)[None, :] < count[:, None]
     scores = scores.masked_fill(~valid, float("-inf"))
     weights = torch.softmax(scores, dim=-1)

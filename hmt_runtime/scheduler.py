@@ -206,7 +206,7 @@ class Scheduler:
         if summary is None:
             summary = self._summarize(query_ids)
         self.ops.recall(summary, st.memory[row : row + 1], st.keys[row : row + 1], st.written[row : row + 1],
-                        self.model.recall.w_q.weight, out=target)
+                        self.model.recall.w_q.weight, out=target, scale=self.model.recall_scale)
 
     def _prefill_boundary(self, row: int, embeds: torch.Tensor) -> torch.Tensor:
         """Prefill [P ; E(sensory)] (1, 1 + k', d) into ``row``'s empty cache (a CUDA graph per row when on)."""

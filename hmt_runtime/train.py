@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backbones, retrieval
-from .config import HMTConfig
+from .config import SAVED_DEFAULTS, HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
 from .atomic import recover, staged_dir
 from .model import HMTModel, shifted_cross_entropy
@@ -231,8 +231,9 @@ def build_model(config: TrainConfig) -> HMTModel:
     if config.init_from:
         model = _scale_recall(HMTModel.from_pretrained(config.init_from), config.recall_init_scale)
         ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
+        # recall_scale has no training option: the checkpoint's own is kept; prompt_recall is this run's
         diff = {k: (theirs.get(k), v) for k, v in ours.items()
-                if k not in ("kernels", "prompt_recall") and theirs.get(k) != v}
+                if k not in ("kernels", "recall_scale", "prompt_recall") and theirs.get(k) != v}
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
@@ -486,7 +487,7 @@ def _check_compatible(state: dict, model: HMTModel, config: TrainConfig, path) -
             if saved_bb.get(k) != ours_bb.get(k)}
     if diff:
         raise ValueError(f"resume: checkpoint {str(path)!r} was made for another backbone: {diff} (checkpoint, this run)")
-    saved_cfg, ours_cfg = json.loads(state["hmt_config"]), model.config.to_dict()
+    saved_cfg, ours_cfg = {**SAVED_DEFAULTS, **json.loads(state["hmt_config"])}, model.config.to_dict()
     diff = {k: (saved_cfg.get(k), v) for k, v in ours_cfg.items() if k != "kernels" and saved_cfg.get(k) != v}
     if diff:
         raise ValueError(f"resume: checkpoint {str(path)!r} has another HMT config: {diff} (checkpoint, this run)")

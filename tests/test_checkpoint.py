@@ -71,6 +71,24 @@ def test_failed_save_keeps_existing_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
 
+def test_recall_scale_is_recorded_and_old_configs_load_as_sqrt(tmp_path):
+    model = make_model("llama", "paper", recall_scale="linear")
+    model.save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    assert meta["hmt"]["recall_scale"] == "linear"
+    loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=model.backbone)
+    assert loaded.config.recall_scale == "linear"
+    ids = torch.randint(0, VOCAB, (1, 30))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+    del meta["hmt"]["recall_scale"]  # a checkpoint written before the field existed
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(meta))
+    assert HMTModel.from_pretrained(tmp_path / "ckpt", backbone=model.backbone).config.recall_scale == "sqrt"
+    meta["hmt"]["recall_scale"] = "cubic"
+    (tmp_path / "ckpt" / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="recall_scale='cubic'"):
+        HMTModel.from_pretrained(tmp_path / "ckpt", backbone=model.backbone)
+
+
 def test_wrong_width_is_a_clear_error(tmp_path):
     make_model("opt").save_pretrained(tmp_path / "opt")  # width 24
     with pytest.raises(ValueError, match="width 24"):

@@ -113,6 +113,25 @@ def test_state_load_rejects_other_files_and_configs(tmp_path):
         MemoryState.load(tmp_path / "s.safetensors", config=other.config)
 
 
+def test_state_saved_before_recall_scale_existed_loads_as_sqrt(tmp_path):
+    import dataclasses
+
+    model = make_model("llama", "paper")
+
+    class OldConfig:  # a config as written before HMTConfig.recall_scale existed
+        def to_dict(self):
+            data = model.config.to_dict()
+            del data["recall_scale"]
+            return data
+
+    state, _ = ingest(model, torch.randint(0, VOCAB, (1, 20)))
+    state.save(tmp_path / "old.safetensors", config=OldConfig())
+    assert torch.equal(MemoryState.load(tmp_path / "old.safetensors", config=model.config).memory, state.memory)
+    linear = dataclasses.replace(model.config, recall_scale="linear")
+    with pytest.raises(ValueError, match="recall_scale"):
+        MemoryState.load(tmp_path / "old.safetensors", config=linear)
+
+
 def test_eos_stops_and_pads():
     model = make_model("llama", "causal")
     prompt = torch.randint(0, VOCAB, (1, 5))

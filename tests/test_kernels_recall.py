@@ -101,3 +101,21 @@ def test_errors_name_the_argument():
         recall(summary, memory, keys, written, w_q, out=torch.empty(2, 7))
     with pytest.raises(ValueError, match="new_memory.dtype=torch.float64"):
         memory_write(summary.double(), w_q, memory, keys, written)
+
+
+@pytest.mark.parametrize("recall_scale", ["sqrt", "linear"])
+def test_recall_honours_the_score_scale(recall_scale):
+    """HMTConfig.recall_scale "linear" (scores / d_h) is passed as ``scale`` and honoured by the kernel."""
+    from hmt_runtime.ops import recall_scale_factor
+
+    batch, n_slots, d_model, d_h = 2, 9, 40, 64
+    summary, memory, keys, w_q = random_state(batch, n_slots, d_model, d_h, torch.float32, seed=7)
+    keys = keys * 8  # scores large enough that 1/d_h and 1/sqrt(d_h) give clearly different weights
+    written = torch.tensor([9, 4])
+    scale = recall_scale_factor(recall_scale, d_h)
+    expected = recall_torch(summary.double(), memory.double(), keys.double(), written, w_q.double(), scale=scale)
+    result = recall(summary, memory, keys, written, w_q, scale=scale)
+    assert (result.double() - expected).abs().max().item() < 1e-5
+    other = recall_torch(summary.double(), memory.double(), keys.double(), written, w_q.double(),
+                         scale=recall_scale_factor("linear" if recall_scale == "sqrt" else "sqrt", d_h))
+    assert (other - expected).abs().max().item() > 1e-2  # the scale matters in this case

@@ -32,7 +32,8 @@ def reference_forward(model: HMTModel, ids: torch.Tensor):
             _, h = run(torch.cat([tb, embed(q), tb], 1))
             s = h[:, -1]
             c = torch.stack(cache[-cfg.memory_slots :], 1)
-            scores = torch.einsum("bh,bnh->bn", s @ w_q.T, c @ w_k.T) / math.sqrt(cfg.recall_dim)
+            divisor = cfg.recall_dim if cfg.recall_scale == "linear" else math.sqrt(cfg.recall_dim)
+            scores = torch.einsum("bh,bnh->bn", s @ w_q.T, c @ w_k.T) / divisor
             p = torch.einsum("bn,bnd->bd", torch.softmax(scores, -1), c)
         sens = ids[:, start - cfg.sensory_tokens : start] if n > 0 and cfg.sensory_tokens else ids[:, :0]
         emb = torch.cat([p[:, None], embed(sens), embed(x), p[:, None]], 1)
@@ -67,6 +68,27 @@ def test_families_partial_last_segment_batch2(family, recall):
     ref_logits, ref_mem = reference_forward(model, ids)
     assert rel_err(out.logits, ref_logits) < 1e-6
     assert rel_err(out.memories, ref_mem) < 1e-6
+
+
+@pytest.mark.parametrize("recall", ["paper", "causal"])
+def test_linear_recall_scale_matches_reference(recall):
+    """recall_scale="linear" divides the recall scores by d_h (not sqrt(d_h)); it changes the logits."""
+    model = make_model("llama", recall, recall_scale="linear")
+    ids = torch.randint(0, VOCAB, (1, 5 * 9 + 3))
+    out = model(ids)
+    assert rel_err(out.logits, reference_forward(model, ids)[0]) < 1e-6
+    default = make_model("llama", recall)
+    assert rel_err(default(ids).logits, out.logits) > 1e-6
+
+
+def test_linear_recall_scale_generation_equals_forward():
+    """Generation uses the same scale as the forward (causal: greedy tokens equal the forward's argmax)."""
+    from helpers import greedy_positions_matching
+
+    model = make_model("llama", "causal", recall_scale="linear")
+    prompt = torch.randint(0, VOCAB, (1, 2 * 9 + 4))
+    out = model.generate(prompt, max_new_tokens=25)
+    assert all(ok for _, ok in greedy_positions_matching(model, prompt.shape[1], out))
 
 
 def test_opt_uses_projected_width():
@@ -151,6 +173,7 @@ def test_config_window_arithmetic():
     (dict(memory_slots=0), "memory_slots"),
     (dict(recall="sideways"), "recall"),
     (dict(kernels="cuda"), "kernels"),
+    (dict(recall_scale="dh"), "recall_scale"),
     (dict(segment_tokens=2.5), "segment_tokens"),
 ])
 def test_config_rejects_inconsistent_values(kwargs, match):

@@ -163,6 +163,25 @@ def test_recall(dtype, written):
 
 
 @needs_native
+def test_recall_linear_scale_is_honoured():
+    """recall_scale "linear" (scores / d_h): the native op has 1 / sqrt(d_h) built in, so the wrapper runs the
+    torch recall with the given scale rather than ignoring it."""
+    from hmt_runtime.ops import recall_scale_factor
+
+    summary, memory, keys, w_q = _memory_case(2, 13, 44, 27, torch.float32, seed=3)
+    keys = keys * 6
+    written = torch.tensor([13, 5])
+    scale = recall_scale_factor("linear", 27)
+    expected = recall_torch(summary.double(), memory.double(), keys.double(), written, w_q.double(), scale=scale)
+    out = torch.zeros(2, 3, 44)
+    result = native.recall(summary, memory, keys, written, w_q, out=out[:, 1], scale=scale)
+    assert result.data_ptr() == out[:, 1].data_ptr()
+    torch.testing.assert_close(out[:, 1].double(), expected, **TOL[torch.float32])
+    default = native.recall(summary, memory, keys, written, w_q)
+    assert (default.double() - expected).abs().max() > 1e-2
+
+
+@needs_native
 def test_recall_split_slots_and_out_view(threads):
     # One row and many slots: split across threads; `out` may be a strided view (a row of an embedding buffer).
     summary, memory, keys, w_q = _memory_case(1, 301, 72, 96, torch.float32, seed=11)
