@@ -382,17 +382,33 @@ class Scheduler:
             scores = warpers(None, scores)
         self.tokens[:batch] = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
 
-    def step(self) -> None:
+    def step(self, on_error: Callable[[int, BaseException], None] | None = None) -> None:
         """Feed ``tokens[b]`` to every live row b: start events, one batched decode step, then refresh / close
-        events; ``logits`` then holds every live row's next-token logits."""
-        live = self.live_rows()
-        if not live:
+        events; ``logits`` then holds every live row's next-token logits.
+
+        on_error: when given, a failure in one row's own events (start, refresh, close) frees that row and is
+        handed to ``on_error(row, error)`` while the other rows go on; without it the error is raised.  A failure
+        of the batched decode itself is always raised."""
+
+        def failed(row: int, err: Exception) -> None:
+            if on_error is None:
+                raise err
+            self.release(row)
+            on_error(row, err)
+
+        if not self.live_rows():
             return
-        batch = live[-1] + 1
         with torch.no_grad():
-            for row in live:
+            for row in self.live_rows():
                 if not self.host[row].started:
-                    self._start(row, self.tokens[row : row + 1][None])
+                    try:
+                        self._start(row, self.tokens[row : row + 1][None])
+                    except Exception as err:
+                        failed(row, err)
+            live = self.live_rows()
+            if not live:
+                return
+            batch = live[-1] + 1
             if self.graphs is not None:
                 bucket = next((b for b in GRAPH_BUCKETS if b >= batch and b <= self.rows), self.rows)
                 self.graphs.run(("decode", bucket), lambda: self._decode_core(bucket, None))
@@ -403,10 +419,13 @@ class Scheduler:
             for row in live:
                 h = self.host[row]
                 h.segment_len += 1
-                if rules.refresh_due(self.cfg, h.provisional, h.segment_len):
-                    self.logits[row] = self.model.lm_logits(self._refresh(row))[0]
-                if rules.closes(self.cfg, h.segment_len):
-                    self._close(row)
+                try:
+                    if rules.refresh_due(self.cfg, h.provisional, h.segment_len):
+                        self.logits[row] = self.model.lm_logits(self._refresh(row))[0]
+                    if rules.closes(self.cfg, h.segment_len):
+                        self._close(row)
+                except Exception as err:
+                    failed(row, err)
 
     def _decode_core(self, batch: int, span: int | None) -> torch.Tensor:
         """Device-only part of a step for rows [0, batch): embed tokens, decode, logits, segment ids."""
