@@ -371,3 +371,32 @@ def test_sigterm_drains_then_ends_the_rest_and_exits_0(checkpoint, tmp_path):
     short, long = streams["short"], streams["long"]
     assert short[-1] == "[DONE]" and json.loads(short[-2])["choices"][0]["finish_reason"] in ("stop", "length")
     assert long[-1] == "[DONE]" and json.loads(long[-2])["error"]["code"] == "shutting_down"
+
+
+def test_a_stream_nobody_reads_is_ended(tmp_path):
+    """A request whose events wait unread for stall_seconds (a client that never reads) is ended and its row
+    freed, instead of generating up to max_tokens into a buffer."""
+    import asyncio
+
+    from hmt_runtime import server as srv
+
+    server = srv.Server(tiny_model(), rows=2, memory_dir=tmp_path, model_name=NAME, stall_seconds=0.5)
+    engine = server.engine
+    loop = asyncio.new_event_loop()
+    try:
+        job = srv._Request([torch.tensor([5, 6, 7])], 1, 4000, 0.0, 1.0, [], None, None, server.tokenizer,
+                           set(), server.model.device)
+        job.loop, job.queue = loop, asyncio.Queue()
+        engine.start()
+        engine.submit(job)
+        deadline = time.monotonic() + 30
+        while not job.cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.cancelled and job.pushed < 4000
+        while engine.live_rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.live_rows == 0 and engine.running_requests == 0
+        assert server.metrics.requests.labels("stalled")._value.get() == 1
+    finally:
+        engine.stop()
+        loop.close()
