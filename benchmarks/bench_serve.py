@@ -15,6 +15,16 @@ successive text chunks of one request) at p50 / p90 / p99.  Tokens are the serve
 send them (``stream_options.include_usage``), else text chunks.  ``--url`` measures a server that is already
 running instead (``--model-name`` is then the id it serves).
 
+``--soak`` runs the soak and abuse test instead (loopback only, bounded by ``--minutes``): ``--clients`` clients
+against one ``hmt serve`` (started with an API key), each looping over a mix of short streamed greedy requests,
+sampled requests (temperatures down to 1e-300), long prompts (``--long-words`` words, read while the others
+decode), documents sent to /v1/memories then used and deleted, clients that disconnect mid-request, and refused
+requests (oversized bodies, lone surrogates, a wrong key, a foreign Host header).  Reported: requests per kind,
+unexpected results (any request failed by another's input shows here), time to first token of the short
+requests at p50 / p99 (all, and those sent while a long input was being read) and the server's RSS over time.
+
+    python benchmarks/bench_serve.py --soak --minutes 10 --clients 6 --json soak.json
+
 The two sides are not the same computation: HMT decodes with a bounded window and memory (any context length),
 the llama.cpp server attends over its whole context (up to ``--ctx``) and serves requests one at a time unless it
 is built for parallel slots; both use ``--threads`` CPU threads.
@@ -158,6 +168,163 @@ def load(url: str, model: str, texts: list[str], clients: int, max_tokens: int, 
     }
 
 
+# ---------------------------------------------------------------------------------------------------- soak
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def soak(url: str, model: str, key: str | None, pid: int | None, minutes: float, clients: int, long_words: int,
+         seed: int = 0) -> dict:
+    """The soak and abuse test (module docstring): ``clients`` threads for ``minutes`` minutes."""
+    import random
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    deadline = time.monotonic() + 60 * minutes
+    started = time.monotonic()
+    long_texts = prompts(16, long_words)
+    short_texts = prompts(32, 12)
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    ttft_all, ttft_busy, rss = [], [], []
+    ingesting = [0.0]  # the server's hmt_ingesting gauge, sampled
+    lock = threading.Lock()
+
+    def note(kind: str, problem: str | None = None) -> None:
+        with lock:
+            counts[kind] = counts.get(kind, 0) + 1
+            if problem:
+                problems.append(f"{kind}: {problem}"[:300])
+
+    def expect(kind: str, response: httpx.Response, status: int) -> None:
+        ok = response.status_code == status
+        if ok and status >= 400:
+            body = response.json()
+            ok = set(body.get("error", {})) == {"message", "type", "param", "code"} and len(response.content) < 1000
+        note(kind, None if ok else f"expected {status}, got {response.status_code}: {response.text[:200]}")
+
+    def stream(client, body) -> tuple[float | None, str | None]:
+        """(time to first text, problem) of a streamed completion."""
+        sent = time.perf_counter()
+        first, done, problem = None, False, None
+        with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as response:
+            if response.status_code != 200:
+                return None, f"HTTP {response.status_code}: {response.read()[:200]!r}"
+            for line in response.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        problem = f"error event: {data['error']}"
+                    elif first is None and any(c.get("text") for c in data.get("choices", [])):
+                        first = time.perf_counter() - sent
+        return first, problem or (None if done else "no [DONE]")
+
+    def sampler():
+        while time.monotonic() < deadline:
+            if pid is not None:
+                value = rss_mb(pid)
+                if value is not None:
+                    rss.append((round(time.monotonic() - started, 1), round(value, 1)))
+            try:
+                text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+                ingesting[0] = next((float(line.split()[1]) for line in text.splitlines()
+                                     if line.startswith("hmt_ingesting ")), 0.0)
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+
+    def worker(index: int):
+        rng = random.Random(seed * 1000 + index)
+        kinds = ["short", "short", "short", "sampled", "long", "memory", "disconnect", "refused"]
+        with httpx.Client(timeout=httpx.Timeout(600, connect=10), headers=headers) as client:
+            while time.monotonic() < deadline:
+                kind = rng.choice(kinds)
+                try:
+                    if kind == "short":
+                        busy = ingesting[0] > 0
+                        first, problem = stream(client, {"model": model, "prompt": rng.choice(short_texts),
+                                                         "max_tokens": 16, "temperature": 0})
+                        if first is not None:
+                            with lock:
+                                ttft_all.append(first)
+                                if busy:
+                                    ttft_busy.append(first)
+                        note(kind, problem)
+                    elif kind == "sampled":
+                        temperature = rng.choice([1e-300, 5e-324, 1e-30, 0.7, 1.0, 2.0])
+                        _, problem = stream(client, {"model": model, "prompt": rng.choice(short_texts),
+                                                     "max_tokens": 24, "temperature": temperature,
+                                                     "top_p": rng.choice([1e-300, 0.5, 1.0]),
+                                                     "seed": rng.randrange(2**32)})
+                        note(kind, problem)
+                    elif kind == "long":
+                        _, problem = stream(client, {"model": model, "prompt": rng.choice(long_texts),
+                                                     "max_tokens": 8, "temperature": 0})
+                        note(kind, problem)
+                    elif kind == "memory":
+                        made = client.post(url + "/v1/memories", json={"text": rng.choice(long_texts)})
+                        if made.status_code != 200:
+                            note(kind, f"create: HTTP {made.status_code}: {made.text[:200]}")
+                            continue
+                        memory_id = made.json()["id"]
+                        _, problem = stream(client, {"model": model, "prompt": rng.choice(short_texts),
+                                                     "max_tokens": 8, "temperature": 0, "memory": memory_id})
+                        gone = client.delete(url + f"/v1/memories/{memory_id}")
+                        note(kind, problem or (None if gone.status_code in (200, 404) else f"delete: {gone.text}"))
+                    elif kind == "disconnect":
+                        body = {"model": model, "prompt": rng.choice(long_texts), "max_tokens": 64}
+                        try:
+                            httpx.post(url + "/v1/completions", json=body, headers=headers,
+                                       timeout=httpx.Timeout(30, read=rng.uniform(0.2, 2.0)))
+                            note(kind)  # it finished before the client gave up
+                        except httpx.ReadTimeout:
+                            note(kind)
+                    else:
+                        case = rng.randrange(4)
+                        if case == 0:
+                            expect("refused", client.post(url + "/v1/completions", json={
+                                "model": model, "prompt": "x" * (5 * 2**20)}), 413)
+                        elif case == 1:
+                            expect("refused", client.post(url + "/v1/completions", content=json.dumps(
+                                {"model": model, "prompt": "a\ud800"}).encode(),
+                                headers={"content-type": "application/json"}), 400)
+                        elif case == 2:
+                            if key:
+                                expect("refused", httpx.get(url + "/v1/models", timeout=30,
+                                                            headers={"Authorization": "Bearer wrong"}), 401)
+                        else:
+                            expect("refused", client.get(url + "/v1/models", headers={"Host": "attacker.example"}),
+                                   400)
+                except Exception as err:  # reported
+                    note(kind, f"{type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=sampler, daemon=True)] + [
+        threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join()
+    settled = [v for t, v in rss if t >= min(60.0, 60 * minutes / 4)]  # after the first minute (warm-up)
+    growth = None
+    if len(settled) >= 8:
+        quarter = len(settled) // 4
+        growth = statistics.median(settled[-quarter:]) - statistics.median(settled[:quarter])
+    return {"minutes": minutes, "clients": clients, "long_words": long_words, "requests": counts,
+            "unexpected": len(problems), "first_unexpected": problems[:10],
+            "ttft_short_s": percentiles(ttft_all), "ttft_short_while_ingesting_s": percentiles(ttft_busy),
+            "short_while_ingesting": len(ttft_busy),
+            "rss_mb": {"first": rss[0][1] if rss else None, "peak": max((v for _, v in rss), default=None),
+                       "last": rss[-1][1] if rss else None, "growth_after_warmup": growth,
+                       "samples": rss[:: max(1, len(rss) // 60)]}}
+
+
 def missing_server_extras() -> list[str]:
     """Modules ``llama_cpp.server`` imports that its [server] extra installs, and are absent."""
     needed = ("sse_starlette", "starlette_context", "pydantic_settings", "uvicorn", "fastapi")
@@ -221,6 +388,9 @@ def main(argv=None) -> int:
                         help="also measure llama-cpp-python's server on the GGUF where it is installed")
     parser.add_argument("--ctx", type=int, default=2048, help="llama.cpp context length")
     parser.add_argument("--startup-timeout", type=float, default=300)
+    parser.add_argument("--soak", action="store_true", help="run the soak and abuse test (module docstring)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="--soak: how long (default 10)")
+    parser.add_argument("--long-words", type=int, default=6000, help="--soak: words of a long prompt or document")
     parser.add_argument("--json", default=None, help="write the report here (default: print it)")
     parser.add_argument("--markdown", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
@@ -228,6 +398,8 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
 
+    if args.soak:
+        return main_soak(args)
     texts = prompts(args.requests, args.prompt_words)
     report = {"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
               "prompt_words": args.prompt_words, "threads": args.threads, "sides": {}}
@@ -292,6 +464,39 @@ def main(argv=None) -> int:
     print(table)
     hmt_errors = sum(side.get("errors", 0) for key, side in report["sides"].items() if key != name)
     return 0 if hmt_errors == 0 else 1
+
+
+def main_soak(args) -> int:
+    if not 0 < args.minutes <= 120:
+        raise SystemExit(f"--minutes {args.minutes}: expected a number in (0, 120]")
+    logs = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    key = None
+    if args.url:
+        report = soak(args.url.rstrip("/"), args.model_name, os.environ.get("HMT_API_KEY"), None, args.minutes,
+                      args.clients, args.long_words)
+    else:
+        import secrets
+
+        key = secrets.token_hex(16)
+        port = free_port()
+        cmd = [sys.executable, "-m", "hmt_runtime.cli", "serve", "--model", args.model, "--served-model-name",
+               args.model_name, "--host", "127.0.0.1", "--port", str(port), "--rows", str(args.rows),
+               "--max-queue", str(max(64, args.clients)), "--threads", str(args.threads), "--api-key", key,
+               "--memory-dir", str(logs / "memories"), "--log-level", "warning"]
+        server = Launched(cmd, f"http://127.0.0.1:{port}", "/health", logs / "hmt.log", args.startup_timeout)
+        try:
+            report = soak(server.url, args.model_name, key, server.proc.pid, args.minutes, args.clients,
+                          args.long_words)
+            report["server_alive"] = server.proc.poll() is None
+        finally:
+            server.stop()
+        report["server_exit_code"] = server.proc.returncode
+        report["log"] = str(logs / "hmt.log")
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0 if report["unexpected"] == 0 and report.get("server_alive", True) else 1
 
 
 if __name__ == "__main__":

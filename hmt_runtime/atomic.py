@@ -17,7 +17,8 @@ target folder that holds other files than a checkpoint's (``owned`` names, or th
 refused, and so is a target that is a file.
 
 Files (``staged_file``): written to ``NAME.tmp-XXXXXXXX.partial`` beside the target (locked while written) and
-renamed over it; stale partial files of the same target are removed by its next save.
+renamed over it; stale partial files of the same target are removed by its next save (``clean_partials`` removes
+those of a whole folder).
 """
 from __future__ import annotations
 
@@ -317,21 +318,31 @@ def staged_dir(target, owned=(), what: str = "path"):
 
 def _clean_partials(path: str) -> None:
     folder, name = os.path.split(path)
-    pattern = re.compile(re.escape(name) + r"\.tmp-" + r"[A-Za-z0-9_]{8}" + re.escape(_PARTIAL))
+    clean_partials(folder or ".", re.escape(name))
+
+
+def clean_partials(folder, name_pattern: str = r".+") -> int:
+    """Remove the partial files of killed ``staged_file`` writes in ``folder`` whose target name matches
+    ``name_pattern`` (a regular expression); partial files of writes in progress (locked) are left alone.
+    Returns how many were removed."""
+    pattern = re.compile("(?:" + name_pattern + r")\.tmp-[A-Za-z0-9_]{8}" + re.escape(_PARTIAL))
     try:
-        names = [n for n in os.listdir(folder or ".") if pattern.fullmatch(n)]
+        names = [e.name for e in os.scandir(folder) if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
     except OSError:
-        return
+        return 0
+    removed = 0
     for n in names:
         partial = os.path.join(folder, n)
         lock = _Lock(Path(partial))
         try:
             if lock.held:
                 os.remove(partial)
+                removed += 1
         except OSError:
             pass
         finally:
             lock.release()
+    return removed
 
 
 @contextlib.contextmanager

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .config import SERVE_LIMITS
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
@@ -236,9 +238,19 @@ def cmd_serve(args) -> int:
     check_output_dir("--memory-dir", memory_dir)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     model = load_model(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("HMT_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key: expected a non-empty key")
+    if args.max_tokens_limit and args.default_max_tokens > args.max_tokens_limit:
+        raise ValueError(f"--default-max-tokens {args.default_max_tokens} exceeds --max-tokens-limit "
+                         f"{args.max_tokens_limit}")
     serve(model, host=args.host, port=args.port, log_level=args.log_level, rows=args.rows,
           max_queue=args.max_queue, memory_dir=memory_dir, model_name=name,
-          default_max_tokens=args.default_max_tokens, engine=args.engine)
+          default_max_tokens=args.default_max_tokens, engine=args.engine, api_key=api_key,
+          allowed_hosts=args.allowed_host, max_request_bytes=args.max_request_bytes,
+          max_prompt_tokens=args.max_prompt_tokens, max_document_tokens=args.max_document_tokens,
+          max_tokens_limit=args.max_tokens_limit, max_memories=args.max_memories,
+          chunk_tokens=args.prefill_chunk_tokens, drain_seconds=args.drain_seconds)
     return 0
 
 
@@ -275,6 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the model id clients pass (default: the --model value, or a checkpoint folder's name)")
     srv.add_argument("--default-max-tokens", type=int_at_least(1), default=256,
                      help="max_tokens of a chat request that gives none (default 256; completions: 16)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $HMT_API_KEY; "
+                          "none: no key)")
+    srv.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                     help="also serve requests whose Host header names NAME (repeatable; '*': any). A loopback bind "
+                          "serves only localhost, 127.0.0.1 and ::1 by default (stops DNS rebinding)")
+    srv.add_argument("--max-request-bytes", type=int_at_least(0), default=SERVE_LIMITS["max_request_bytes"],
+                     help=f"larger request bodies are refused with 413 (default {SERVE_LIMITS['max_request_bytes']}; 0: no limit)")
+    srv.add_argument("--max-prompt-tokens", type=int_at_least(0), default=SERVE_LIMITS["max_prompt_tokens"],
+                     help=f"tokens per prompt (default {SERVE_LIMITS['max_prompt_tokens']}; 0: no limit)")
+    srv.add_argument("--max-document-tokens", type=int_at_least(0), default=SERVE_LIMITS["max_document_tokens"],
+                     help=f"tokens per document sent to /v1/memories (default {SERVE_LIMITS['max_document_tokens']}; "
+                          "0: no limit)")
+    srv.add_argument("--max-tokens-limit", type=int_at_least(0), default=SERVE_LIMITS["max_tokens_limit"],
+                     help=f"the largest max_tokens a request may ask (default {SERVE_LIMITS['max_tokens_limit']}; 0: no limit)")
+    srv.add_argument("--max-memories", type=int_at_least(0), default=SERVE_LIMITS["max_memories"],
+                     help=f"memory files kept; a new one removes the least recently used beyond this (default "
+                          f"{SERVE_LIMITS['max_memories']}; 0: no cap)")
+    srv.add_argument("--prefill-chunk-tokens", type=int_at_least(1), default=None,
+                     help="tokens of a prompt or document read per engine step between decode steps (default: one "
+                          "segment)")
+    srv.add_argument("--drain-seconds", type=float, default=30.0,
+                     help="on SIGTERM, how long running requests may finish before they are ended (default 30)")
     srv.add_argument("--engine", choices=("auto", "lean", "transformers"), default="auto")
     srv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     add_model_arguments(srv)

@@ -126,3 +126,10 @@ class HMTConfig:
             + ("; recall at the end of a prompt" if self.prompt_recall else "")
             + f"; kernels {self.kernels!r}"
         )
+
+
+# The defaults of `hmt serve`'s limit flags (hmt_runtime.server's docstring describes them; 0 turns one off).
+SERVE_LIMITS = {
+    "max_request_bytes": 4 * 2**20, "max_prompt_tokens": 131072, "max_document_tokens": 1048576,
+    "max_tokens_limit": 4096, "max_memories": 1000,
+}

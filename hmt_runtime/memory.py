@@ -178,11 +178,13 @@ class MemoryState:
                 raise ValueError(f"{where}: field {name!r} holds NaN or infinite values; expected finite values")
         return self
 
-    def save(self, path: str | os.PathLike, config=None) -> None:
+    def save(self, path: str | os.PathLike, config=None, metadata: dict[str, str] | None = None) -> None:
         """Write the state to a safetensors file atomically (a failed save leaves an existing file intact).
 
         The file records a sha256 checksum of every tensor (checked by ``load``) and, with ``config``, the
-        HMTConfig it was made for."""
+        HMTConfig it was made for; ``metadata``: more string entries for the file's header.  Only the ring
+        buffer slots written so far are stored (a short document makes a small file); ``load`` restores the
+        empty ones."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path={path!r}: expected a file path (str or os.PathLike)")
         path = os.fspath(path)
@@ -193,8 +195,14 @@ class MemoryState:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"path={path!r}: the folder {folder!r} does not exist")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
-        meta = {"format": "hmt-memory-state", "version": "1", **checksum_metadata(tensors)}
+        tensors = {k: v.detach().cpu() for k, v in self.tensors().items()}
+        slots = tensors["memory"].shape[1]
+        used = min(int(tensors["written"].max()), slots) if tensors["written"].numel() else slots
+        for name in ("memory", "keys"):
+            tensors[name] = tensors[name][:, :used]
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        meta = {**(metadata or {}), "format": "hmt-memory-state", "version": "1", "memory_slots": str(slots),
+                **checksum_metadata(tensors)}
         if config is not None:
             meta["hmt_config"] = json.dumps(config.to_dict())
         with staged_file(path) as tmp:
@@ -229,6 +237,7 @@ class MemoryState:
         except Exception as err:  # safetensors raises several error types for a file that is not one
             raise ValueError(f"{path!r} is not an HMT memory state file ({err})") from err
         verify_checksums(path, tensors, meta)
+        _restore_slots(path, tensors, meta)
         if config is not None and "hmt_config" in meta:
             try:
                 saved = json.loads(meta["hmt_config"])
@@ -246,3 +255,25 @@ class MemoryState:
         if device is not None:
             state = cls(**{k: v.to(device) for k, v in tensors.items()})
         return state
+
+
+def _restore_slots(path: str, tensors: dict, meta: dict) -> None:
+    """Pad the ring buffer of a file that stores only its written slots back to ``memory_slots`` slots."""
+    slots = meta.get("memory_slots")
+    if slots is None:
+        return
+    try:
+        slots = int(slots)
+    except ValueError:
+        raise ValueError(f"{path!r}: metadata field 'memory_slots' is not an integer") from None
+    written = tensors["written"]
+    used = min(int(written.max()), slots) if written.dim() == 1 and written.numel() else 0
+    for name in ("memory", "keys"):
+        t = tensors[name]
+        if t.dim() != 3 or t.shape[1] >= slots:
+            continue  # a whole ring buffer, or a shape that validate() refuses
+        if used > t.shape[1]:
+            raise ValueError(f"{path!r}: field {name!r} stores {t.shape[1]} memory slots of {slots} but {used} "
+                             "were written")
+        pad = torch.zeros(t.shape[0], slots - t.shape[1], t.shape[2], dtype=t.dtype)
+        tensors[name] = torch.cat([t, pad], dim=1)

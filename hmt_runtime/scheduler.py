@@ -53,6 +53,7 @@ class _Host:
     """Host mirror of one row's control state (so boundaries never need a device read)."""
 
     live: bool = False
+    ingesting: bool = False  # reserved by an Ingestion in progress (not decoded)
     started: bool = False
     provisional: bool = False
     written: int = 0
@@ -103,7 +104,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ rows
     def free_rows(self) -> list[int]:
-        return [b for b, h in enumerate(self.host) if not h.live]
+        return [b for b, h in enumerate(self.host) if not (h.live or h.ingesting)]
 
     def live_rows(self) -> list[int]:
         return [b for b, h in enumerate(self.host) if h.live]
@@ -115,28 +116,40 @@ class Scheduler:
         ``self.logits[row]``.  ``prompt``: the ids end a prompt that generation continues (``end_prompt``);
         False for a document read into a state (``hmt_runtime.ingest``).  On any error the row is freed and the
         other rows are untouched."""
+        job = self.ingestion(ids, state=state, row=row, on_progress=on_progress, prompt=prompt)
+        while not job.step():
+            pass
+        return job.row
+
+    def ingestion(self, ids: torch.Tensor, state: MemoryState | None = None, row: int | None = None,
+                  on_progress: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
+                  prompt: bool = True) -> "Ingestion":
+        """``add`` a piece at a time (chunked prefill): reserves a free row and returns an ``Ingestion`` whose
+        ``step()`` reads the next piece: at most ``chunk_tokens`` ids (default: up to a segment's end), or one
+        batch of planned summary passes; the last step of a ``prompt`` ends it (``end_prompt``).  Between steps
+        the scheduler decodes its live rows as usual (the row being read is not live); the pieces give exactly
+        what ``add`` gives.  The state is loaded here (a resumed segment's KV cache is rebuilt: one prefill)."""
         if row is None:
             free = self.free_rows()
             if not free:
                 raise RuntimeError(f"all {self.rows} rows are live; release one first")
             row = free[0]
-        elif self.host[row].live:
+        elif self.host[row].live or self.host[row].ingesting:
             raise ValueError(f"row={row}: the row is live; release it first")
+        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                         or chunk_tokens < 1):
+            raise ValueError(f"chunk_tokens={chunk_tokens!r}: expected None or an integer >= 1")
         ids = check_ids(ids, self.model.vocab_size)
         if state is not None and state.batch_size != 1:
             raise ValueError(f"state: expected a batch-1 MemoryState, got {state.batch_size} rows")
         try:
             with torch.no_grad():
                 self._load(row, state)
-                self.host[row].live = True
-                self._feed(row, ids.to(self.model.device)[None], on_progress)
-                if prompt:
-                    self.end_prompt(row)
-                self.live_mask[row] = 1
+                self.host[row].ingesting = True
         except BaseException:
             self.release(row)
             raise
-        return row
+        return Ingestion(self, row, ids.to(self.model.device)[None], on_progress, chunk_tokens, prompt)
 
     def release(self, row: int) -> None:
         """Free ``row`` (its state is reset when the row is next used)."""
@@ -309,27 +322,34 @@ class Scheduler:
             self._start(row, st.segment_ids[row : row + 1, :0], planned=planned)
 
     # ------------------------------------------------------------------------------------------ ingestion
-    def _feed(self, row: int, ids: torch.Tensor, on_progress=None) -> None:
+    def _feed(self, row: int, ids: torch.Tensor, on_progress=None, chunk_tokens: int | None = None):
         """Append ids (1, L) to ``row`` segment by segment; leaves the logits after the last one in ``logits``.
 
         Two backbone passes per full segment: the summary pass, and one prefill of [P ; E(sensory) ; E(x) ; P]
         (the trailing P rides along when the chunk completes the segment; the next segment starts with the next
         chunk).  A provisional paper-mode segment stops at j for its refresh.  The summary passes of the
-        segments that start inside ``ids`` are known ahead and run in batches (``_Summaries``)."""
+        segments that start inside ``ids`` are known ahead and run in batches (``_Summaries``).
+
+        A generator: it yields after each pass (the ids taken, 0 for a batch of summaries), so that a caller can
+        interleave other work (``Ingestion``); ``chunk_tokens`` caps the ids of one pass."""
         h, cfg, st = self.host[row], self.cfg, self.state
         last = None
         pos, total = 0, ids.shape[1]
         planned = self._plan_summaries(row, ids)
+        cap = chunk_tokens or cfg.segment_tokens
         while pos < total:
             if not h.started:
+                if planned is not None and planned.due():
+                    planned.prepare()
+                    yield 0
                 upcoming = ids[:, pos : pos + cfg.segment_tokens]
                 provisional = self._query(row, upcoming)[1]
-                take = rules.next_take(cfg, 0, provisional, total - pos)
+                take = min(rules.next_take(cfg, 0, provisional, total - pos), cap)
                 chunk = ids[:, pos : pos + take]
                 trailing = rules.closes(cfg, take) and not provisional
                 hidden = self._start(row, upcoming, chunk, trailing, planned)
             else:
-                take = rules.next_take(cfg, h.segment_len, h.provisional, total - pos)
+                take = min(rules.next_take(cfg, h.segment_len, h.provisional, total - pos), cap)
                 chunk = ids[:, pos : pos + take]
                 trailing = rules.closes(cfg, h.segment_len + take) and not h.provisional
                 embeds = self.model.embed(chunk)
@@ -348,7 +368,10 @@ class Scheduler:
                 self._close(row, memory, start_next=pos == total, planned=planned)
             if on_progress is not None:
                 on_progress(take)
+            if pos < total:
+                yield take
         self.logits[row] = self.model.lm_logits(last)[0]
+        yield take
 
     def _plan_summaries(self, row: int, ids: torch.Tensor) -> "_Summaries | None":
         """The recall queries of the segments that will start while ``ids`` (1, L) is fed to ``row`` and lie
@@ -388,17 +411,33 @@ class Scheduler:
             scores = warpers(None, scores)
         self.tokens[:batch] = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
 
-    def step(self) -> None:
+    def step(self, on_error: Callable[[int, BaseException], None] | None = None) -> None:
         """Feed ``tokens[b]`` to every live row b: start events, one batched decode step, then refresh / close
-        events; ``logits`` then holds every live row's next-token logits."""
-        live = self.live_rows()
-        if not live:
+        events; ``logits`` then holds every live row's next-token logits.
+
+        on_error: when given, a failure in one row's own events (start, refresh, close) frees that row and is
+        handed to ``on_error(row, error)`` while the other rows go on; without it the error is raised.  A failure
+        of the batched decode itself is always raised."""
+
+        def failed(row: int, err: Exception) -> None:
+            if on_error is None:
+                raise err
+            self.release(row)
+            on_error(row, err)
+
+        if not self.live_rows():
             return
-        batch = live[-1] + 1
         with torch.no_grad():
-            for row in live:
+            for row in self.live_rows():
                 if not self.host[row].started:
-                    self._start(row, self.tokens[row : row + 1][None])
+                    try:
+                        self._start(row, self.tokens[row : row + 1][None])
+                    except Exception as err:
+                        failed(row, err)
+            live = self.live_rows()
+            if not live:
+                return
+            batch = live[-1] + 1
             if self.graphs is not None:
                 bucket = next((b for b in GRAPH_BUCKETS if b >= batch and b <= self.rows), self.rows)
                 self.graphs.run(("decode", bucket), lambda: self._decode_core(bucket, None))
@@ -409,10 +448,13 @@ class Scheduler:
             for row in live:
                 h = self.host[row]
                 h.segment_len += 1
-                if rules.refresh_due(self.cfg, h.provisional, h.segment_len):
-                    self.logits[row] = self.model.lm_logits(self._refresh(row))[0]
-                if rules.closes(self.cfg, h.segment_len):
-                    self._close(row)
+                try:
+                    if rules.refresh_due(self.cfg, h.provisional, h.segment_len):
+                        self.logits[row] = self.model.lm_logits(self._refresh(row))[0]
+                    if rules.closes(self.cfg, h.segment_len):
+                        self._close(row)
+                except Exception as err:
+                    failed(row, err)
 
     def _decode_core(self, batch: int, span: int | None) -> torch.Tensor:
         """Device-only part of a step for rows [0, batch): embed tokens, decode, logits, segment ids."""
@@ -427,6 +469,49 @@ class Scheduler:
         return self.logits
 
 
+class Ingestion:
+    """An input being read into a scheduler row a piece at a time (``Scheduler.ingestion``).
+
+    ``step()`` reads the next piece and returns True once everything is read: the row is then live (decoded
+    by ``Scheduler.step``) with its next-token logits in ``scheduler.logits[row]``.  ``read`` / ``total``: ids
+    read so far / in all.  On an error the row is freed and the error raised; ``close()`` abandons the input
+    and frees the row (the other rows are untouched either way)."""
+
+    def __init__(self, scheduler: Scheduler, row: int, ids: torch.Tensor, on_progress, chunk_tokens,
+                 prompt: bool = True):
+        self.scheduler, self.row, self.total, self.read = scheduler, row, int(ids.shape[1]), 0
+        self.finished, self.prompt = False, prompt
+        self._pieces = scheduler._feed(row, ids, on_progress, chunk_tokens)
+
+    def step(self) -> bool:
+        if self.finished:
+            return True
+        sched = self.scheduler
+        try:
+            with torch.no_grad():
+                self.read += next(self._pieces)
+                if self.read < self.total:
+                    return False
+                self._pieces.close()
+                if self.prompt:
+                    sched.end_prompt(self.row)
+        except BaseException:
+            self.close()
+            raise
+        host = sched.host[self.row]
+        host.ingesting, host.live = False, True
+        sched.live_mask[self.row] = 1
+        self.finished = True
+        return True
+
+    def close(self) -> None:
+        """Abandon an unfinished input: free its row."""
+        if not self.finished:
+            self._pieces.close()
+            self.finished = True
+            self.scheduler.release(self.row)
+
+
 class _Summaries:
     """The summary passes of one prompt's segments, in order, run as batches of about ``BATCH_POSITIONS``
     backbone positions (j + 2 per summary) when the first of a batch is needed, so that the activations stay
@@ -439,15 +524,24 @@ class _Summaries:
     def __init__(self, scheduler: Scheduler, queries: list[torch.Tensor]):
         self.scheduler, self.queries = scheduler, queries
         self.batch = max(1, self.BATCH_POSITIONS // (scheduler.cfg.summary_tokens + 2))
-        self.next, self.done = 0, None
+        self.next, self.done, self.prepared = 0, None, -1
+
+    def due(self) -> bool:
+        """The next summary starts a batch that is not computed yet."""
+        return self.next < len(self.queries) and self.next % self.batch == 0 and self.prepared != self.next
+
+    def prepare(self) -> None:
+        """Compute the batch that starts at the next summary."""
+        i = self.next
+        embeds = self.scheduler.model.summary_embeddings(torch.stack(self.queries[i : i + self.batch]))
+        self.done, self.prepared = self.scheduler.engine.encode(embeds)[:, -1], i
 
     def take(self, query_ids: torch.Tensor) -> torch.Tensor | None:
         i = self.next
         if i >= len(self.queries) or not torch.equal(self.queries[i], query_ids.reshape(-1)):
             return None
-        if i % self.batch == 0:
-            embeds = self.scheduler.model.summary_embeddings(torch.stack(self.queries[i : i + self.batch]))
-            self.done = self.scheduler.engine.encode(embeds)[:, -1]
+        if i % self.batch == 0 and self.prepared != i:
+            self.prepare()
         self.next += 1
         return self.done[i % self.batch : i % self.batch + 1]
 

@@ -514,3 +514,42 @@ def test_no_import_circles_and_kernels_stand_alone():
     for path in (root / "hmt_kernels").glob("*.py"):
         assert "hmt_runtime" not in "".join(l for l in path.read_text().splitlines(True)
                                             if l.lstrip().startswith(("import", "from"))), path
+
+
+@pytest.mark.parametrize("recall", ["causal", "paper"])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_chunked_ingestion_between_decode_steps_equals_add(recall, chunk):
+    """``Scheduler.ingestion``: a long prompt read a piece at a time while another row decodes leaves the state
+    and logits ``add`` leaves, and the decoding row's tokens are those it produces alone; an abandoned ingestion
+    frees its row."""
+    model = make_model("llama", recall, seed=5)
+    gen = torch.Generator().manual_seed(11)
+    long = torch.randint(0, VOCAB, (6 * SEGMENT + 5,), generator=gen)
+    short = torch.randint(0, VOCAB, (3,), generator=gen)
+    ref = Scheduler(model, rows=2)
+    row = ref.add(long)
+    want_state, want_logits = ref.export(row), ref.logits[row].clone()
+    decoding_alone = alone(model, short.tolist(), 40)
+
+    sched = Scheduler(model, rows=2)
+    other = sched.add(short)
+    job = sched.ingestion(long, chunk_tokens=chunk)
+    assert job.row != other and job.row not in sched.free_rows() and job.row not in sched.live_rows()
+    out, pieces = [], 0
+    while not job.step():
+        pieces += 1
+        sched.pick()
+        out.append(int(sched.tokens[other]))
+        sched.step()
+        assert job.read <= job.total
+    assert pieces >= (6 * SEGMENT + 5) // (chunk or SEGMENT)  # the input was read a bounded piece at a time
+    assert out == decoding_alone[3 : 3 + len(out)]
+    assert job.row in sched.live_rows()
+    torch.testing.assert_close(sched.logits[job.row], want_logits, rtol=1e-12, atol=1e-12)
+    for name, tensor in want_state.tensors().items():
+        torch.testing.assert_close(getattr(sched.export(job.row), name), tensor, rtol=1e-12, atol=1e-12, msg=name)
+    sched.release(job.row)
+    job = sched.ingestion(long, chunk_tokens=chunk)
+    job.step()
+    job.close()
+    assert job.row in sched.free_rows()
