@@ -52,17 +52,16 @@ SINKS = 4
 
 
 def _teacher_forced(model: HMTModel, sample, use_recall: bool) -> torch.Tensor:
-    """The answer's logits (A, V) from the teacher-forced forward, only the last segment's LM head computed."""
+    """The answer's logits (A, V) from the teacher-forced forward (the LM head only where the answer is read)."""
     ids = sample.ids[None].to(model.device)
-    last = None
+    first, count = sample.prompt_end - 1, sample.answer_ids.numel()
+    pieces = []
     for start, hidden, _ in model.iter_segments(ids, use_recall=use_recall,
                                                 prompt_end=torch.tensor([sample.prompt_end])):
-        last = (start, hidden)
-    start, hidden = last
-    first = sample.prompt_end - 1 - start
-    if first < 0:
-        raise ValueError("the answer starts a new segment; expected it inside the prompt's last segment")
-    return evaluate._logits(model, hidden[:, first : first + sample.answer_ids.numel()])[0]
+        lo, hi = max(first, start), min(first + count, start + hidden.shape[1])
+        if lo < hi:
+            pieces.append(evaluate._logits(model, hidden[:, lo - start : hi - start])[0])
+    return torch.cat(pieces)
 
 
 def _backbone(model: HMTModel, ids: torch.Tensor, answer: int) -> torch.Tensor:

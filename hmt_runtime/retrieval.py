@@ -190,14 +190,17 @@ def build(tokenizer, task: str, length: int, depth: float, rng: random.Random, s
     needle_ids = [_encode(tokenizer, " " + text) for text in needles]
     question_ids = _encode(tokenizer, "\n" + question)
     answer_ids = _encode(tokenizer, " " + answer)
-    room = max(1, length - len(question_ids) - sum(map(len, needle_ids)))
+    room = length - len(question_ids) - sum(map(len, needle_ids))
+    if room < max(1, gap):
+        raise ValueError(f"length={length}: too short for this {task} sample's needles "
+                         f"({sum(map(len, needle_ids))} ids), question ({len(question_ids)}) and gap={gap}")
     if task == "passkey" or not prose:
         haystack = filler_ids(tokenizer, split, room, rng)
     else:
         doc = rng.choice([d for d in prose if d.numel() > room] or prose)
         start = rng.randint(0, max(0, doc.numel() - room))
         haystack = doc[start : start + room].tolist()
-    latest = max(0, len(haystack) - gap)
+    latest = len(haystack) - gap
     first = _sentence_end(tokenizer, haystack, int(depth * latest))
     first = min(first, latest)
     # later facts between the first needle and the gap, in order
@@ -231,7 +234,7 @@ def training_batch(tokenizer, prose: list[torch.Tensor], batch: int, cfg, segmen
     if segments < 2:
         raise ValueError(f"segments={segments}: expected >= 2 (the needle's segment and the question's)")
     ls, k = cfg.segment_tokens, cfg.sensory_tokens
-    tail = rng.randint(min(24, ls), ls - 1)
+    tail = rng.randint(min(24, ls - 1), ls - 1)
     length = (segments - 1) * ls + tail
     rows = [build(tokenizer, rng.choice(tasks), length, rng.random(), rng, "train", prose, gap=tail + k + 2)
             for _ in range(batch)]

@@ -1,0 +1,88 @@
+"""Retrieval prompts (hmt_runtime.retrieval) and the benchmark's scoring (benchmarks/retrieval.py)."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmt_runtime import HMTConfig, retrieval
+from helpers import CharTokenizer, make_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import retrieval as bench  # noqa: E402
+
+TOK = CharTokenizer()
+
+
+def prose(n=3000, seed=0):
+    rng = random.Random(seed)
+    words = ["the", "house", "was", "quiet", "and", "she", "walked", "on", "a", "long", "road"]
+    text = " ".join(rng.choice(words) + ("." if rng.random() < 0.1 else "") for _ in range(n))
+    return [torch.tensor(TOK(text).input_ids)]
+
+
+@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("split", retrieval.SPLITS)
+def test_a_sample_holds_its_needle_far_from_its_question(task, split):
+    for seed, depth in enumerate((0.0, 0.3, 1.0)):
+        rng = random.Random(seed)
+        s = retrieval.build(TOK, task, 600, depth, rng, split, prose(), gap=100)
+        assert s.prompt_end == 600 and s.ids.numel() == 600 + len(TOK(" " + s.answer).input_ids)
+        assert TOK.decode(s.answer_ids.tolist()) == " " + s.answer
+        prompt = TOK.decode(s.ids[: s.prompt_end].tolist())
+        question = prompt[prompt.rindex("\n") :]
+        needle_end = TOK.decode(s.ids[: s.needle_at].tolist())
+        assert s.answer in prompt[len(needle_end) : len(prompt) - len(question) - 100 + 1] or task == "facts"
+        assert len(prompt) - len(question) - prompt.rindex(s.answer) >= 100  # the gap holds
+
+
+def test_train_and_valid_phrasings_are_disjoint():
+    for table in (retrieval._PASSKEY, retrieval._NEEDLE, retrieval._FACTS):
+        for key in table["train"]:
+            train, valid = table["train"][key], table["valid"][key]
+            if isinstance(train, dict):
+                train, valid = list(train) + sum(train.values(), []), list(valid) + sum(valid.values(), [])
+            assert not set(train) & set(valid), key
+    assert not set(retrieval._FILLERS["train"]) & set(retrieval._FILLERS["valid"])
+
+
+def test_training_batch_scores_only_the_answer_and_keeps_the_needle_out_of_the_window():
+    cfg = HMTConfig(segment_tokens=200, sensory_tokens=8)  # room for facts and a question of characters
+    rng = random.Random(0)
+    for segments in (2, 3, 5):
+        ids, prompt_end, labels = retrieval.training_batch(TOK, prose(), 6, cfg, segments, rng)
+        assert ids.shape[0] == 6 and bool((prompt_end > (segments - 1) * cfg.segment_tokens).all())
+        for b in range(6):
+            scored = (labels[b] != -100).nonzero()[:, 0]
+            assert int(scored[0]) == int(prompt_end[b])
+            assert torch.equal(labels[b, scored], ids[b, scored])
+            text = TOK.decode(ids[b, : int(prompt_end[b])].tolist())
+            window_start = (segments - 1) * cfg.segment_tokens - cfg.sensory_tokens
+            answer = TOK.decode(ids[b, scored].tolist()).strip()
+            assert answer not in text[window_start:]  # only memory holds it
+
+
+@pytest.mark.parametrize("prompt_recall", [False, True])
+def test_benchmark_scores_hmt_through_generate_as_the_forward_would(prompt_recall):
+    """``hmt`` is scored by greedy generation; the teacher-forced forward with the prompt's end must agree, and
+    every method answers a bool (``full`` None beyond its limit)."""
+    model = make_model("llama", "causal", seed=2, prompt_recall=prompt_recall)
+    model.tokenizer = TOK
+    rmt = bench.evaluate.rmt_view(model)
+    for seed in range(6):
+        s = retrieval.build(TOK, "passkey", 150, 0.2, random.Random(seed), "valid", gap=30)
+        forward = retrieval.answered(bench._teacher_forced(model, s, use_recall=True), s)
+        assert bench.score(model, "hmt", s) == forward
+        with torch.no_grad():
+            logits = model(s.ids[None], prompt_end=s.prompt_end).logits[0, s.prompt_end - 1 : -1]
+        assert retrieval.answered(logits, s) == forward
+        for method in bench.METHODS:
+            assert bench.score(model, method, s, rmt) in (True, False)
+    long = retrieval.build(TOK, "passkey", bench.FULL_LIMIT + 10, 0.5, random.Random(0), "valid", gap=20)
+    assert bench.score(model, "full", long) is None
+
+
+def test_a_prompt_too_short_for_its_gap_is_refused():
+    with pytest.raises(ValueError, match="length=50: too short"):
+        retrieval.build(TOK, "facts", 50, 0.5, random.Random(0), "valid", prose(), gap=40)
