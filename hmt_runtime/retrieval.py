@@ -126,7 +126,8 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def _key(rng: random.Random) -> str:
     if rng.random() < 0.75:
-        return str(rng.randint(10 ** (rng.randint(3, 6) - 1), 10 ** rng.randint(4, 6) - 1))
+        digits = rng.randint(3, 6)
+        return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
     letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
     return "".join(rng.choice(letters) for _ in range(3)) + "-" + str(rng.randint(10, 99))
 

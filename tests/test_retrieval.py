@@ -37,6 +37,14 @@ def test_a_sample_holds_its_needle_far_from_its_question(task, split):
         assert len(prompt) - len(question) - prompt.rindex(s.answer) >= 100  # the gap holds
 
 
+def test_many_samples_build_and_hold_their_answer():
+    rng = random.Random(0)
+    for i in range(300):
+        task = retrieval.TASKS[i % 3]
+        s = retrieval.build(TOK, task, 400, rng.random(), rng, retrieval.SPLITS[i % 2], prose(), gap=60)
+        assert TOK.decode(s.answer_ids.tolist()).strip() == s.answer
+
+
 def test_train_and_valid_phrasings_are_disjoint():
     for table in (retrieval._PASSKEY, retrieval._NEEDLE, retrieval._FACTS):
         for key in table["train"]:
