@@ -80,7 +80,8 @@ class TrainConfig:
     retrieval_every: every n-th step of stage 2 is a batch of retrieval prompts (``hmt_runtime.retrieval``,
     ``split="train"``: a needle in segment-long haystacks of the training text, the question at the end, the
     loss on the answer only), the others language modelling (0: never).  retrieval_segments: such a prompt
-    spans 2 to this many segments (drawn per step), so the answer is only in memory.
+    spans 2 to this many segments (drawn per step), so the answer is only in memory.  retrieval_tasks: the
+    tasks drawn from (``retrieval.TASKS``).
     lora_targets: "attention" (q/k/v/o projections) or "all" (also the MLP's projections).  A model started
     from a checkpoint whose adapter covers only the attention keeps those weights; the new MLP adapters start
     at zero (LoRA's B = 0), so the run starts from exactly the checkpoint's function.
@@ -123,6 +124,7 @@ class TrainConfig:
     prompt_recall: bool = False
     retrieval_every: int = 0
     retrieval_segments: int = 3
+    retrieval_tasks: list[str] = field(default_factory=lambda: list(retrieval.TASKS))
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -153,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"recall_max_norm={self.recall_max_norm!r}: expected a number > 0 or None (no cap)")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected one of {LORA_TARGETS}")
+        if not self.retrieval_tasks or any(t not in retrieval.TASKS for t in self.retrieval_tasks):
+            raise ValueError(f"retrieval_tasks={self.retrieval_tasks!r}: expected one or more of {retrieval.TASKS}")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         if not self.hmt_lr_scale > 0:
@@ -641,7 +645,8 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                 rng = random.Random(config.seed * 1_000_003 + step)  # a function of the step: resumes exactly
                 segments = rng.randint(2, config.retrieval_segments)
                 ids, prompt_end, labels = retrieval.training_batch(model.tokenizer, docs, config.batch_size,
-                                                                   model.config, segments, rng)
+                                                                   model.config, segments, rng,
+                                                                   config.retrieval_tasks)
                 ids = ids[rank::world].to(device)
                 extra = {"prompt_end": prompt_end[rank::world], "labels": labels[rank::world].to(device)}
                 parts["segments"] = torch.tensor(float(segments))
@@ -746,6 +751,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every N-th stage-2 step is a batch of retrieval prompts (0 = never)")
     parser.add_argument("--retrieval-segments", type=int, default=d.retrieval_segments,
                         help="retrieval prompts span 2 to this many segments (default %(default)s)")
+    parser.add_argument("--retrieval-tasks", nargs="+", choices=retrieval.TASKS, default=d.retrieval_tasks,
+                        help="retrieval tasks drawn from (default: all)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")
