@@ -32,11 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backbones, retrieval
-from .config import SAVED_DEFAULTS, HMTConfig
+from ..core import backbones
+from . import retrieval
+from ..core.config import SAVED_DEFAULTS, HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
-from .atomic import recover, staged_dir
-from .model import HMTModel, shifted_cross_entropy
+from ..core.atomic import recover, staged_dir
+from ..model.hmt import HMTModel, shifted_cross_entropy
+from ..model.loading import DEFAULT_BACKBONE, load_backbone
 
 MODES = ("full", "frozen", "lora")
 PRECISIONS = ("fp32", "bf16")
@@ -88,7 +90,7 @@ class TrainConfig:
 
     data: list[str] = field(default_factory=list)
     output_dir: str = "runs/hmt"
-    backbone: str = backbones.DEFAULT_BACKBONE
+    backbone: str = DEFAULT_BACKBONE
     window: int = 256
     sensory_tokens: int = 32
     memory_slots: int = 300
@@ -239,7 +241,7 @@ def build_model(config: TrainConfig) -> HMTModel:
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
         model.config.prompt_recall = config.prompt_recall
         return apply_mode(model, config.mode, config.lora_rank, config.lora_targets)
-    backbone, tokenizer = backbones.load_backbone(config.backbone)
+    backbone, tokenizer = load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
     if config.warm_start:
         model.warm_start()

@@ -71,12 +71,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TopPLogitsWarper
 
-from .api import _TextPieces
-from .atomic import clean_partials
-from .checks import check_text
-from .config import SERVE_LIMITS
-from .memory import MemoryState
-from .scheduler import Scheduler
+from ..incremental.generation import _TextPieces
+from ..core.atomic import clean_partials
+from ..core.checks import check_text
+from ..core.config import SERVE_LIMITS
+from ..core.memory import MemoryState
+from ..incremental.scheduler import Scheduler
 
 log = logging.getLogger("hmt.serve")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backbones
+from ..core import backbones
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 

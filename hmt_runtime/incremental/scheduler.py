@@ -31,18 +31,15 @@ Kernels, engine and CUDA graphs are chosen together by ``hmt_runtime.backend.sel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from . import segment as rules
+from ..core import segment as rules
 from .backend import select_backend
 from .engines import make_engine
 from .graphs import CUDAGraphs
-from .memory import MemoryState
-
-if TYPE_CHECKING:
-    from .model import HMTModel
+from ..core.memory import MemoryState
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -81,7 +78,7 @@ class Scheduler:
             sched.step()
     """
 
-    def __init__(self, model: "HMTModel", rows: int = 1, engine: str = "auto", cuda_graphs="auto"):
+    def __init__(self, model, rows: int = 1, engine: str = "auto", cuda_graphs="auto"):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows={rows!r}: expected an integer >= 1")
         self.model, self.cfg, self.rows = model, model.config, rows

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbones import unwrap
+from ..core.backbones import unwrap
+from ..core.config import KERNEL_CHOICES
 from .engines import lean_unsupported_reason
-from .ops import TORCH_OPS, Ops
+from ..core.ops import TORCH_OPS, Ops
 
-KERNEL_CHOICES = ("auto", "torch", "triton", "native")
 ENGINE_CHOICES = ("auto", "lean", "transformers")
 
 
@@ -33,7 +33,7 @@ def triton_ops() -> Ops:
 
 def native_ops() -> Ops:
     """The native C++ / CUDA backend (``hmt_runtime.native``); ImportError when the extension is not built."""
-    from . import native
+    from ..native import kernels as native
 
     return native.ops()
 

@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from .ops import Ops, attention_with_kvcache_torch, memory_write_torch, recall_torch
+from ..core.ops import Ops, attention_with_kvcache_torch, memory_write_torch, recall_torch
 
 ATTN_IMPLEMENTATION = "hmt_native"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

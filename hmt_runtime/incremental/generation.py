@@ -23,8 +23,8 @@ from transformers.generation.logits_process import (
 )
 
 from .backend import check_choices
-from .checks import check_eos_token_id, check_text
-from .memory import MemoryState
+from ..core.checks import check_eos_token_id, check_input_ids, check_text
+from ..core.memory import MemoryState
 from .scheduler import Scheduler
 
 
@@ -335,8 +335,6 @@ def ingest(model, input_ids: torch.Tensor, state: MemoryState | None = None, pro
     Runs on the scheduler: memory use is flat in S, since only the W-position KV cache and the fixed-size state
     are kept, so a document of a million tokens needs what ten thousand do.
     """
-    from .model import check_input_ids
-
     input_ids = check_input_ids(input_ids, model.vocab_size)
     if state is None:
         state = new_state(model, input_ids.shape[0])
@@ -372,8 +370,6 @@ def generate_ids(model, input_ids, max_new_tokens=32, do_sample=False, temperatu
                  eos_token_id=None, streamer=None, state=None, return_state=False, progress=False):
     """``HMTModel.generate``: input_ids (B, S) -> (B, S + new) on the scheduler, rows that stop early padded with
     the smallest EOS id; ``(ids, state)`` with ``return_state``.  See ``HMTModel.generate``."""
-    from .model import check_input_ids
-
     check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     input_ids = check_input_ids(input_ids, model.vocab_size)
     batch = input_ids.shape[0]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import tokenize_files
-from .model import HMTModel
+from ..model.hmt import HMTModel
 
 VARIANTS = ("recall", "no-recall", "uniform", "foreign", "init-only")
 

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import backbones
-from .config import HMTConfig
+from ..core import backbones
+from ..core.config import HMTConfig
 from .data import as_documents, tokenize_files
-from .model import HMTModel
+from ..model.hmt import HMTModel
 
 METHODS = ("hmt", "hmt-no-recall", "rmt", "windows", "sliding", "streaming", "full", "adapted-windows")
 SINKS = 4  # attention-sink positions kept by the ``streaming`` method (StreamingLLM)

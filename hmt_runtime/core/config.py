@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .backend import KERNEL_CHOICES
 from .ops import RECALL_SCALES
 
 RECALL_MODES = ("paper", "causal")
+KERNEL_CHOICES = ("auto", "torch", "triton", "native")  # which kernels run the HMT ops (HMTConfig.kernels)
 # Fields added after the first checkpoints, and the value a config saved without them means.
 SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False}
 
