@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .core.checks import check_output_dir, int_at_least
-from .core.config import SERVE_LIMITS
+from .core.config import DEFAULT_RECALL, RECALL_MODES, SERVE_LIMITS
 
 
 def peak_rss_mb() -> float:
@@ -35,8 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone window W for a fresh HMT (default 256)")
     parser.add_argument("--sensory-tokens", type=int_at_least(0), default=32)
     parser.add_argument("--memory-slots", type=int_at_least(1), default=300)
-    parser.add_argument("--recall", choices=("paper", "causal"), default="causal",
-                        help="recall mode for a fresh HMT (a checkpoint records its own)")
+    parser.add_argument("--recall", choices=RECALL_MODES, default=DEFAULT_RECALL,
+                        help=f"recall mode for a fresh HMT, as HMTConfig.recall (default {DEFAULT_RECALL}; a "
+                             "checkpoint records its own)")
     parser.add_argument("--kernels", choices=("auto", "torch", "triton", "native"), default=None)
     parser.add_argument("--weights", choices=("fp32", "bf16", "int8", "q4"), default="fp32",
                         help="storage of the backbone's linear weights (float32 activations and accumulation); "
@@ -187,7 +188,7 @@ def cmd_info(args) -> int:
     inner = unwrap(model.backbone)
     print(f"backbone: {type(inner).__name__} ({model.backbone_identity()})")
     print(f"HMT config: {model.config.describe()}")
-    print(f"embedding width d = {model.width}, dtype {model.dtype}, backend {model.ops().name}")
+    print(f"embedding width d = {model.width}, dtype {model.dtype}, backend {model.prepare_ops().name}")
     for name, size in memory_budget(model).items():
         print(f"  {name:>18}: {size / 2**20:10.2f} MiB")
     print("per sequence, the KV cache and memory ring are all that grow with the batch; neither grows with the input")

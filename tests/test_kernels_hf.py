@@ -199,7 +199,7 @@ def test_hmt_model_triton_equals_torch(monkeypatch):
             ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(8))
             expected = models["torch"](ids).logits
             got = models["triton"](ids).logits
-            assert models["triton"].ops().name == "triton"
+            assert models["triton"].prepare_ops().name == "triton"
             # Generation writes memory through memory_write at every segment boundary.
             expected_ids = models["torch"].generate(ids[:1, :20], max_new_tokens=10)
             got_ids = models["triton"].generate(ids[:1, :20], max_new_tokens=10)

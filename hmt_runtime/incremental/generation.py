@@ -1,4 +1,4 @@
-"""The user-facing entry points, all on the scheduler (hmt_runtime.scheduler), the one incremental path:
+"""The user-facing entry points, all on the scheduler (hmt_runtime.incremental.scheduler), the one incremental path:
 
 * ``generate(model, prompts, ...)``: text or token ids in, text or ids out, batched, streamed if asked;
 * ``ingest(model, input_ids, state=None)``: read a document into a ``MemoryState`` (flat memory);
@@ -361,7 +361,6 @@ def ingest(model, input_ids: torch.Tensor, state: MemoryState | None = None, pro
     finally:
         if bar is not None:
             bar.close()
-    state.kv = [None] * state.batch_size
     return state, torch.cat(logits)
 
 

@@ -2,8 +2,8 @@
 
 The segment step (docs/spec.md "One segment") is split into pieces: ``summarize`` (step 1), ``recall_memory``
 (step 2), ``segment_embeddings`` + ``run_backbone`` (step 3) and ``lm_logits`` (step 4).  ``forward`` runs them
-over whole segments, with the host-side rules of ``hmt_runtime.segment`` (recall query, what is carried); the
-scheduler (``hmt_runtime.scheduler``), the one incremental path, uses the same rules and embeddings.  The forward
+over whole segments, with the host-side rules of ``hmt_runtime.core.segment`` (recall query, what is carried); the
+scheduler (``hmt_runtime.incremental.scheduler``), the one incremental path, uses the same rules and embeddings.  The forward
 is the reference every kernel, engine and the scheduler are checked against.
 """
 from __future__ import annotations
@@ -179,9 +179,10 @@ class HMTModel(nn.Module):
             self.memory_init.copy_(vector)
 
     # ----------------------------------------------------------------------------------------- backend
-    def ops(self) -> Ops:
-        """The hot-path ops: the configured backend (``hmt_runtime.backend``), or torch while gradients are
-        needed (the kernels are inference-only)."""
+    def prepare_ops(self) -> Ops:
+        """The hot-path ops: the configured kernels (``hmt_runtime.incremental.backend.model_ops``), or torch while
+        gradients are needed (the kernels are inference-only).  The first call for a device sets the backbone's
+        attention implementation to the kernels' (once; later calls only look it up)."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return TORCH_OPS
         return model_ops(self)
@@ -222,7 +223,7 @@ class HMTModel(nn.Module):
 
     def recall_memory(self, summary, memory, keys, written, ops: Ops | None = None) -> torch.Tensor:
         """Spec step 2: summary (B, d), memory (B, n, d), keys (B, n, d_h), written (B,) -> P (B, d)."""
-        ops = ops or self.ops()
+        ops = ops or self.prepare_ops()
         return ops.recall(summary, memory, keys, written, self.recall.w_q.weight, scale=self.recall_scale)
 
     def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
@@ -251,7 +252,7 @@ class HMTModel(nn.Module):
         """
         cfg = self.config
         batch, length = input_ids.shape
-        ops = self.ops()
+        ops = self.prepare_ops()
         memories: list[torch.Tensor] = []
         sensory = tail = None
         ends = prompt_end.tolist() if (prompt_end is not None and cfg.prompt_recall) else [None] * batch
@@ -389,7 +390,7 @@ class HMTModel(nn.Module):
         ``hmt_config.json`` (HMT config, recall mode, backbone identity), the LoRA adapter if the backbone is a
         peft model, and with ``save_backbone`` the whole backbone and tokenizer.
 
-        The folder is written beside the target and renamed into place (``hmt_runtime.atomic``): a failed or
+        The folder is written beside the target and renamed into place (``hmt_runtime.core.atomic``): a failed or
         killed save leaves the previous checkpoint loadable.  A target folder holding files that are not a
         checkpoint's is refused (FileExistsError naming them; nothing is deleted), as is a target that is a file.
         Parameters holding NaN or infinity are refused (ValueError) so that they never replace a good checkpoint.
@@ -518,7 +519,7 @@ class HMTModel(nn.Module):
         SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline).
 
         Everything read is validated (``read_checkpoint_config``, ``load_hmt_weights``; the adapter's weights
-        must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.atomic``).
+        must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.core.atomic``).
         ``weights`` ("fp32", "bf16", "int8", "q4"): the storage of the backbone's linear weights (``load_backbone``;
         a given ``backbone`` is converted in place); LoRA adapters are applied beside the quantized weights.
         """

@@ -64,9 +64,9 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     name_or_path: "smollm2-135m" (the embedded default, SmolLM2-135M, Llama architecture, d = 576) or a local
     transformers model folder.  Returns ``(backbone, tokenizer)``; the backbone is in eval mode; the tokenizer
     is None for a folder without tokenizer files.  weights: how the decoder's linear layers and LM head store
-    their weights, "fp32" (plain nn.Linear), or "bf16", "int8", "q4" (``hmt_runtime.quant.QuantLinear``, float32
+    their weights, "fp32" (plain nn.Linear), or "bf16", "int8", "q4" (``hmt_runtime.native.quant.QuantLinear``, float32
     activations and accumulation).  For the default backbone "q4" reads the GGUF's own Q4_1 / Q8_0 blocks (lossless
-    against "fp32"); other backbones are quantized at load (``hmt_runtime.quant.quantize_model``).
+    against "fp32"); other backbones are quantized at load (``hmt_runtime.native.quant.quantize_model``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -79,7 +79,7 @@ class TrainConfig:
     and the saved weights are unchanged (a constraint on training, not a change of the model).
     prompt_recall: the HMT config's rule (docs/spec.md "Recall at the end of a prompt"); a run started from a
     checkpoint sets it on that checkpoint's config.
-    retrieval_every: every n-th step of stage 2 is a batch of retrieval prompts (``hmt_runtime.retrieval``,
+    retrieval_every: every n-th step of stage 2 is a batch of retrieval prompts (``hmt_runtime.training.retrieval``,
     ``split="train"``: a needle in segment-long haystacks of the training text, the question at the end, the
     loss on the answer only), the others language modelling (0: never).  retrieval_segments: such a prompt
     spans 2 to this many segments (drawn per step), so the answer is only in memory.
@@ -95,7 +95,7 @@ class TrainConfig:
     sensory_tokens: int = 32
     memory_slots: int = 300
     recall_dim: int = 1536
-    recall: str = "causal"
+    recall: str = "causal"  # the shipped model's mode; deliberately not HMTConfig's default ("paper")
     mode: str = "lora"
     lora_rank: int = 8
     warm_start: bool = True
@@ -398,7 +398,7 @@ def _trainable(model: HMTModel) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path, model, optimizer, scheduler, samplers, step, config: TrainConfig) -> None:
-    """Write a resumable checkpoint to ``path`` atomically (beside it, then swapped in; ``hmt_runtime.atomic``):
+    """Write a resumable checkpoint to ``path`` atomically (beside it, then swapped in; ``hmt_runtime.core.atomic``):
     a failed or killed save leaves the previous checkpoint loadable, and a folder holding other files is refused."""
     with staged_dir(path, owned=CHECKPOINT_ENTRIES, what="checkpoint folder") as tmp:
         model.save_pretrained(tmp / MODEL_DIR, save_backbone=config.mode == "full")
@@ -707,7 +707,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sensory-tokens", type=int, default=d.sensory_tokens)
     parser.add_argument("--memory-slots", type=int, default=d.memory_slots)
     parser.add_argument("--recall-dim", type=int, default=d.recall_dim)
-    parser.add_argument("--recall", choices=("paper", "causal"), default=d.recall)
+    parser.add_argument("--recall", choices=("paper", "causal"), default=d.recall,
+                        help="the recall mode the model trains with and records in its checkpoint (default "
+                             "%(default)s, the shipped model's; HMTConfig's own default is 'paper')")
     parser.add_argument("--mode", choices=MODES, default=d.mode, help="what trains (default %(default)s)")
     parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
