@@ -13,6 +13,8 @@ bookkeeping after a decode), with the same signatures, and owns a ``StaticKV``.
   csrc/cpu/decode.cpp) for the whole decoder.
 * ``HFEngine`` ("transformers"): any other transformers backbone through its own forward, one row at a time, with
   a ``Cache`` whose storage is the static buffers.
+
+Over 500 lines: the engines share the static KV buffers and one interface.
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ One decode step and the events around it (the rules themselves are in ``hmt_runt
              the tail to the next segment.
 
 Kernels, engine and CUDA graphs are chosen together by ``hmt_runtime.incremental.backend.select_backend``.
+
+Over 500 lines: the scheduler's rows, events and steps share its books.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ The segment step (docs/spec.md "One segment") is split into pieces: ``summarize`
 over whole segments, with the host-side rules of ``hmt_runtime.core.segment`` (recall query, what is carried); the
 scheduler (``hmt_runtime.incremental.scheduler``), the one incremental path, uses the same rules and embeddings.  The forward
 is the reference every kernel, engine and the scheduler are checked against.
+
+Over 500 lines: the forward and the checkpoint methods are one class, HMTModel.
 """
 from __future__ import annotations
 

@@ -37,6 +37,8 @@ bias added in float32: the precision a bf16 model runs at everywhere else, at ab
 on such CPUs (``HMT_BF16_GEMM=0`` turns it off, ``=1`` forces it).  Without
 the extension, on another device, or for float64 inputs and inputs that record autograd, ``QuantLinear`` runs
 ``F.linear`` on the dequantized weight (correct, slower).
+
+Over 500 lines: the formats, their layers and their loaders share the block layouts.
 """
 from __future__ import annotations
 

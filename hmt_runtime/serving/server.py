@@ -43,6 +43,9 @@ Memory states are safetensors files ``<id>.safetensors`` in one folder, written 
 on every use (which records its last use as the file's mtime), so several server processes can share the folder
 and a restarted server keeps its documents.  A creation whose client disconnects leaves no file; partial files of
 killed saves are removed at start and with every new memory.
+
+Over 500 lines: the protocol models, memory store, request loop and app share the request types and the
+error shape; splitting them into modules is the next cut (docs/layout.md).
 """
 from __future__ import annotations
 

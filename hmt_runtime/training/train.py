@@ -13,6 +13,9 @@ fails never damages an existing checkpoint; ``resume=True`` continues exactly wh
 
     hmt train data/austen/emma.txt data/austen/prideprejudice.txt --output-dir runs/hmt --mode lora --precision bf16
     torchrun --nproc_per_node=2 -m hmt_runtime.train data/austen/emma.txt --output-dir runs/ddp --batch-size 4
+
+Over 500 lines: the config, the two-stage loop, checkpoints and the command share TrainConfig and the
+training state.
 """
 from __future__ import annotations
 
