@@ -54,7 +54,7 @@ def corpus_ids(n_tokens: int) -> list[int]:
     """The first n_tokens ids of the novels in data/austen (SmolLM2's tokenizer)."""
     from transformers import AutoTokenizer
 
-    from hmt_runtime.backbones import default_backbone_folder
+    from hmt_runtime.model.loading import default_backbone_folder
 
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_folder(), local_files_only=True)
     files = sorted((ROOT / "data" / "austen").glob("*.txt"))
@@ -92,7 +92,7 @@ def run_llama_cpp(context: int, new_tokens: int, threads: int, fmt: str) -> dict
     import numpy as np
     from llama_cpp import Llama, __version__
 
-    from hmt_runtime.backbones import _GGUF_FILE, _gguf_folder
+    from hmt_runtime.model.loading import _GGUF_FILE, _gguf_folder
 
     prompt = corpus_ids(context)
     llm = Llama(model_path=str(_gguf_folder() / _GGUF_FILE), n_ctx=context + new_tokens + 8, n_batch=512,
@@ -120,7 +120,7 @@ def run_llama_cpp(context: int, new_tokens: int, threads: int, fmt: str) -> dict
 
 def _hmt_model(system: str, fmt: str, model: str = "default"):
     from hmt_runtime import HMTConfig, HMTModel, load_backbone
-    from hmt_runtime.model import DEFAULT_DIR
+    from hmt_runtime.model.hmt import DEFAULT_DIR
 
     if system == "hmt":
         return HMTModel.from_pretrained(model, weights=fmt)
@@ -143,7 +143,7 @@ def run_hmt(system: str, context: int, new_tokens: int, threads: int, fmt: str, 
     tokens, stamps = _stamps_from_stream(generate(model, prompt, max_new_tokens=new_tokens, stream=True,
                                                   eos_token_id=[]))
     out = _speeds(len(prompt), start, stamps)
-    from hmt_runtime.scheduler import Scheduler
+    from hmt_runtime.incremental.scheduler import Scheduler
 
     out["engine"] = Scheduler(model, rows=1).engine.name
     out["tokens"] = tokens
@@ -216,7 +216,7 @@ def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int =
     import torch
     import torch.nn.functional as F
 
-    from hmt_runtime import quant
+    from hmt_runtime.native import quant
 
     torch.set_num_threads(threads)
 
@@ -273,7 +273,7 @@ def machine() -> dict:
     except OSError:
         pass
     try:
-        from hmt_runtime import native
+        from hmt_runtime.native import kernels as native
 
         info["native"] = native.build_info()
     except ImportError as err:

@@ -55,12 +55,12 @@ def main(argv=None) -> int:
 
     import hmt_runtime
     from hmt_runtime import HMTModel, load_backbone
-    from hmt_runtime.scheduler import Scheduler
+    from hmt_runtime.incremental.scheduler import Scheduler
 
     default = HMTModel.from_pretrained("default", kernels="torch")
     backbone, _ = load_backbone("smollm2-135m")
     plain = HMTModel(backbone, default.config, tokenizer=default.tokenizer)
-    plain.load_hmt_weights(hmt_runtime.model.DEFAULT_DIR)
+    plain.load_hmt_weights(hmt_runtime.model.hmt.DEFAULT_DIR)
     plain.eval()
     assert Scheduler(default).engine.name == "lean" and Scheduler(plain).engine.name == "lean"
 

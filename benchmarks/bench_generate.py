@@ -169,8 +169,8 @@ def step_anatomy(model, hf_backbone, prompt: torch.Tensor, steps: int = 240) -> 
     """Milliseconds per token: scheduler step, lean forward, transformers forward, GEMV chain; read GB/s."""
     from transformers import DynamicCache
 
-    from hmt_runtime.backbones import cache_kwargs
-    from hmt_runtime.scheduler import Scheduler
+    from hmt_runtime.core.backbones import cache_kwargs
+    from hmt_runtime.incremental.scheduler import Scheduler
 
     sched = Scheduler(model, rows=1)
     row = sched.add(prompt)

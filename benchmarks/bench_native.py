@@ -11,7 +11,7 @@ one's time relative to the fastest of its group, so the ratio is read off the ta
   - prefill: L new tokens into an empty cache (baseline: ``index_copy_`` + causal SDPA), and after 32 cached
     positions (baseline: ``index_copy_`` + SDPA with the bottom-right causal mask, built outside the timing).
     Into an empty cache, from 512 tokens, the native op itself hands the arithmetic to ATen's flash attention.
-* recall (d = 576, d_h = 1536, N = 300 full slots) against ``hmt_runtime.ops.recall_torch`` (separate torch ops),
+* recall (d = 576, d_h = 1536, N = 300 full slots) against ``hmt_runtime.core.ops.recall_torch`` (separate torch ops),
   and memory_write against ``memory_write_torch``.
 * HMT generate on the default backbone (marked slow: loads SmolLM2-135M; about a minute): the whole model with
   ``kernels="native"`` against ``kernels="torch"``; the time includes the prompt's segment passes.
@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hmt_runtime import native
-from hmt_runtime.ops import memory_write_torch, recall_torch
+from hmt_runtime.native import kernels as native
+from hmt_runtime.core.ops import memory_write_torch, recall_torch
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native extension hmt_runtime._C is not built")
 

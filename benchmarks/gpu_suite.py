@@ -7,7 +7,7 @@ Needs torch, triton, transformers and the repository, nothing else: no backbone 
 extension.  The models are built from the config files in ``benchmarks/configs`` (SmolLM2-135M's exact
 ``LlamaConfig`` and a 7B-like GQA Llama) with random weights: speed does not depend on the weights, and
 correctness is checked against float64 references and against the torch path on the same random model.
-Only public entry points are used: ``hmt_runtime.generate``, ``hmt_runtime.scheduler.Scheduler`` (``add``,
+Only public entry points are used: ``hmt_runtime.generate``, ``hmt_runtime.incremental.scheduler.Scheduler`` (``add``,
 ``pick``, ``step``, ``release``), ``HMTModel``, ``HMTConfig`` and the ``hmt_kernels`` functions.
 
 Sections, each with its own time budget (seconds on an H100, scaled by ``--budget``); a section that fails is
@@ -643,7 +643,7 @@ class Suite:
     # ------------------------------------------------------------------------------------------ scheduler
     def step_ms(self, model, batch: int, graphs: bool) -> float:
         """Median wall time of one ``Scheduler.step()`` (a decode step of ``batch`` rows, no segment boundary)."""
-        from hmt_runtime.scheduler import Scheduler
+        from hmt_runtime.incremental.scheduler import Scheduler
 
         cfg = model.config
         prompt_len = min(32, cfg.segment_tokens // 4)

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from hmt_runtime import HMTModel
-    from hmt_runtime.api import generate_ids
+    from hmt_runtime.incremental.generation import generate_ids
 
     def run(model, prompt):
         out = generate_ids(model, torch.tensor([prompt]), max_new_tokens=args.new_tokens, eos_token_id=[])

@@ -3,7 +3,7 @@
     python benchmarks/retrieval.py --model default --lengths 1024 8192 32768 65536 --depths 0 0.5 1 \
         --samples 2 --out runs/retrieval
 
-Tasks (``hmt_runtime.retrieval``, ``split="valid"``: phrasings, fillers, names and values that training never
+Tasks (``hmt_runtime.training.retrieval``, ``split="valid"``: phrasings, fillers, names and values that training never
 sees): ``passkey`` (a key in repeated filler), ``needle`` (a fact sentence in the validation prose: Persuasion and
 the Bash Reference Manual), ``facts`` (bAbI-style moves scattered through that prose; the answer is the asked
 person's latest place).  A sample is answered when greedy decoding after the prompt gives the answer's tokens.
@@ -19,7 +19,7 @@ The teacher-forced methods score the answer's tokens by argmax of the logits bef
 greedy decoding of the answer's length.
 
 Also the paper's context switching (``--switch-tokens``): two validation documents alternating every segment,
-whole-stream perplexity of HMT with recall and without (``hmt_runtime.evaluate``'s ``hmt`` and
+whole-stream perplexity of HMT with recall and without (``hmt_runtime.training.evaluate``'s ``hmt`` and
 ``hmt-no-recall`` streams).
 
 Writes ``results.json``, ``report.md`` (accuracy per task, method and length, and per length x depth for HMT)
@@ -42,8 +42,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hmt_runtime import HMTModel, generate  # noqa: E402
-from hmt_runtime import evaluate, retrieval  # noqa: E402
-from hmt_runtime.data import tokenize_files  # noqa: E402
+from hmt_runtime.training import evaluate  # noqa: E402
+from hmt_runtime.training import retrieval  # noqa: E402
+from hmt_runtime.training.data import tokenize_files  # noqa: E402
 
 METHODS = ("hmt", "hmt-no-recall", "rmt", "sliding", "streaming", "full")
 VALID_PROSE = (ROOT / "data" / "austen" / "persuasion.txt", ROOT / "data" / "corpus" / "valid" / "technical")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .config import SERVE_LIMITS
+from .core.checks import check_output_dir, int_at_least
+from .core.config import DEFAULT_RECALL, RECALL_MODES, SERVE_LIMITS
 
 
 def peak_rss_mb() -> float:
@@ -26,36 +27,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def int_at_least(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {minimum}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def check_output_dir(option: str, path) -> None:
-    """Refuse an output folder that is a file or lies under one, before any work starts."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{option} {str(path)!r} is a file; expected a folder")
-    for parent in target.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable")
-            break
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (the trained HMT for SmolLM2-135M), an HMT checkpoint folder, "
@@ -64,8 +35,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone window W for a fresh HMT (default 256)")
     parser.add_argument("--sensory-tokens", type=int_at_least(0), default=32)
     parser.add_argument("--memory-slots", type=int_at_least(1), default=300)
-    parser.add_argument("--recall", choices=("paper", "causal"), default="causal",
-                        help="recall mode for a fresh HMT (a checkpoint records its own)")
+    parser.add_argument("--recall", choices=RECALL_MODES, default=DEFAULT_RECALL,
+                        help=f"recall mode for a fresh HMT, as HMTConfig.recall (default {DEFAULT_RECALL}; a "
+                             "checkpoint records its own)")
     parser.add_argument("--kernels", choices=("auto", "torch", "triton", "native"), default=None)
     parser.add_argument("--weights", choices=("fp32", "bf16", "int8", "q4"), default="fp32",
                         help="storage of the backbone's linear weights (float32 activations and accumulation); "
@@ -75,8 +47,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(args):
-    from . import HMTConfig, HMTModel, load_backbone
-    from .model import CONFIG_NAME, DEFAULT_DIR
+    from .core.config import HMTConfig
+    from .model.hmt import CONFIG_NAME, DEFAULT_DIR, HMTModel
+    from .model.loading import load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,9 +73,8 @@ def load_model(args):
 
 
 def cmd_generate(args) -> int:
-    from .api import generate
-    from .api import ingest
-    from .checks import check_text
+    from .incremental.generation import generate, ingest
+    from .core.checks import check_text
 
     if (args.prompt is None) == (args.prompt_file is None):
         print("hmt generate: give exactly one of --prompt TEXT or --prompt-file FILE", file=sys.stderr)
@@ -195,7 +167,7 @@ class _Echo:
 
 def memory_budget(model) -> dict:
     """Bytes held for one sequence: the KV cache of W positions, the memory ring buffer and keys."""
-    from .backbones import unwrap
+    from .core.backbones import unwrap
 
     cfg = unwrap(model.backbone).config.get_text_config()
     layers = cfg.num_hidden_layers
@@ -210,13 +182,13 @@ def memory_budget(model) -> dict:
 
 
 def cmd_info(args) -> int:
-    from .backbones import unwrap
+    from .core.backbones import unwrap
 
     model = load_model(args)
     inner = unwrap(model.backbone)
     print(f"backbone: {type(inner).__name__} ({model.backbone_identity()})")
     print(f"HMT config: {model.config.describe()}")
-    print(f"embedding width d = {model.width}, dtype {model.dtype}, backend {model.ops().name}")
+    print(f"embedding width d = {model.width}, dtype {model.dtype}, backend {model.prepare_ops().name}")
     for name, size in memory_budget(model).items():
         print(f"  {name:>18}: {size / 2**20:10.2f} MiB")
     print("per sequence, the KV cache and memory ring are all that grow with the batch; neither grows with the input")
@@ -224,10 +196,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .backbones import cache_dir
+    from .core.backbones import cache_dir
 
     try:
-        from .server import serve
+        from .serving.server import serve
     except ModuleNotFoundError as err:
         raise ImportError(f"the server needs {err.name!r}, which is not installed: pip install fastapi uvicorn "
                           "prometheus-client (all in requirements.txt)") from err
@@ -314,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     add_model_arguments(srv)
     srv.set_defaults(func=cmd_serve)
-    for module, hook in (("train", "add_train_parser"), ("evaluate", "add_eval_parser"), ("corpus", "add_data_parser"),
-                         ("convert", "add_convert_parser")):
+    for module, hook in (("training.train", "add_train_parser"), ("training.evaluate", "add_eval_parser"),
+                         ("training.corpus", "add_data_parser"), ("model.convert", "add_convert_parser")):
         try:
             mod = __import__(f"hmt_runtime.{module}", fromlist=[hook])
         except ImportError:

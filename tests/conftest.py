@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 def _default_backbone_missing() -> str | None:
     import importlib.util
 
-    from hmt_runtime.backbones import DEFAULT_BACKBONE, cache_dir
+    from hmt_runtime.core.backbones import cache_dir
+    from hmt_runtime.model.loading import DEFAULT_BACKBONE
 
     if (cache_dir() / DEFAULT_BACKBONE / "config.json").is_file():
         return None  # converted before: no package needed

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hmt_runtime import HMTModel, load_backbone
-from hmt_runtime.model import CONFIG_NAME, WEIGHTS_NAME
+from hmt_runtime.model.hmt import CONFIG_NAME, WEIGHTS_NAME
 from test_model import make_model
 from tiny import VOCAB, tiny_backbone
 
@@ -59,7 +59,7 @@ def test_failed_save_keeps_existing_checkpoint(tmp_path, monkeypatch):
     with torch.no_grad():
         model.memory_init.add_(1.0)
 
-    import hmt_runtime.model as model_module
+    import hmt_runtime.model.hmt as model_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -150,8 +150,8 @@ def test_saved_files_follow_the_umask_and_adapter_records_portable_base(tmp_path
 def test_checkpoint_records_checksums_and_its_own_files(tmp_path):
     from safetensors import safe_open
 
-    from hmt_runtime.atomic import MARKER
-    from hmt_runtime.checks import tensor_digest
+    from hmt_runtime.core.atomic import MARKER
+    from hmt_runtime.core.checks import tensor_digest
 
     model = make_model("llama", "causal")
     model.save_pretrained(tmp_path / "ckpt")

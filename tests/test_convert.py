@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hmt_runtime import HMTModel
-from hmt_runtime import convert as convert_module
+from hmt_runtime.model import hmt_pytorch as convert_module
 from hmt_runtime.cli import main
-from hmt_runtime.convert import from_hmt_pytorch
+from hmt_runtime.model.convert import from_hmt_pytorch
 from helpers import greedy_positions_matching
 from tiny import VOCAB, tiny_backbone
 
@@ -326,8 +326,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_a_converted_linear_checkpoint_can_be_fine_tuned_from(tmp_path):
     """Training has no recall_scale option: a run started from a converted checkpoint keeps the checkpoint's."""
-    from hmt_runtime.convert import convert_hmt_pytorch
-    from hmt_runtime.train import TrainConfig, build_model
+    from hmt_runtime.model.convert import convert_hmt_pytorch
+    from hmt_runtime.training.train import TrainConfig, build_model
 
     state, _ = reference_checkpoint("llama")
     torch.save(state, tmp_path / "model_weights_1.pth")

@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from hmt_runtime import corpus
-from hmt_runtime.corpus import Source, build, extract, html_to_text, pod_to_text, strip_gutenberg, verify
+from hmt_runtime.training import corpus
+from hmt_runtime.training.corpus import Source, build, extract, html_to_text, pod_to_text, strip_gutenberg, verify
 
 PARAGRAPH = "The quick brown fox jumps over the lazy dog, and then it reads a manual. " * 20
 

@@ -51,7 +51,7 @@ def test_shipped_default_runs_on_the_lean_engine_with_the_peft_models_tokens():
     copy of the weights) with the greedy tokens of the peft model's own forward (the transformers engine), on
     real text across a segment boundary."""
     import hmt_runtime
-    from hmt_runtime.scheduler import Scheduler
+    from hmt_runtime.incremental.scheduler import Scheduler
 
     model = HMTModel.from_pretrained("default", kernels="torch")
     assert hasattr(model.backbone, "peft_config") and Scheduler(model).engine.name == "lean"

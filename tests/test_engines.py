@@ -7,12 +7,12 @@ import torch
 
 from helpers import SEGMENT, VOCAB, make_model, mixed_prompts
 from hmt_runtime import generate
-from hmt_runtime.engines import LlamaEngine, Projection
-from hmt_runtime.scheduler import Scheduler
+from hmt_runtime.incremental.engines import LlamaEngine, Projection
+from hmt_runtime.incremental.scheduler import Scheduler
 
 
 def _native() -> bool:
-    from hmt_runtime import native
+    from hmt_runtime.native import kernels as native
 
     return native.available() and hasattr(torch.ops.hmt, "decode_step")
 
@@ -40,7 +40,7 @@ def with_lora(model, seed=1, targets=("q_proj", "k_proj", "v_proj", "o_proj", "g
 
 def test_projection_forms_compute_the_module_output():
     from peft import LoraConfig, get_peft_model
-    from hmt_runtime import quant
+    from hmt_runtime.native import quant
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(40, 24, bias=True).double()
@@ -125,7 +125,7 @@ def test_native_backend_runs_decode_as_one_op_with_the_torch_tokens(recall):
 def test_quantized_backbone_with_lora_on_the_lean_engine(fmt):
     """QuantLinear projections (LoRA beside them) run on the lean engine, fused and unfused alike, and give the
     teacher-forced forward's greedy tokens of the same quantized model."""
-    from hmt_runtime import quant
+    from hmt_runtime.native import quant
     from helpers import forward_greedy
 
     model = with_lora(float_model(seed=5, kernels="native"), targets=("q_proj", "v_proj"))

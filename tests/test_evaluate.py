@@ -1,4 +1,4 @@
-"""hmt_runtime.evaluate against direct computations on a tiny float64 backbone.
+"""hmt_runtime.training.evaluate against direct computations on a tiny float64 backbone.
 
 Each backbone baseline is checked token by token: the reference runs one fresh forward per scored token over
 exactly the context the method defines, so an off-by-one in any window arithmetic changes the figure."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hmt_runtime import HMTConfig, HMTModel
-from hmt_runtime.evaluate import evaluate, format_table, rmt_view, streaming_nll
+from hmt_runtime.training.evaluate import evaluate, format_table, rmt_view, streaming_nll
 from tiny import VOCAB, tiny_backbone
 
 SEGMENT, SENSORY = 8, 3  # W = 13

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hmt_runtime import HMTConfig, HMTModel, atomic
-from hmt_runtime.checks import check_eos_token_id, check_text
-from hmt_runtime.memory import MemoryState
-from hmt_runtime.model import CONFIG_NAME, WEIGHTS_NAME
+from hmt_runtime import HMTConfig, HMTModel
+from hmt_runtime.core import atomic
+from hmt_runtime.core.checks import check_eos_token_id, check_text
+from hmt_runtime.core.memory import MemoryState
+from hmt_runtime.model.hmt import CONFIG_NAME, WEIGHTS_NAME
 from tiny import VOCAB, tiny_backbone
 
 CFG = dict(segment_tokens=8, sensory_tokens=2, summary_tokens=4, memory_slots=3, recall_dim=16, recall="causal",
@@ -43,9 +44,9 @@ class Fault(OSError):
 def _install_faults(k, mode):
     """Make the k-th file-system mutation (os calls, safetensors / torch writes, Path.write_text) fail: "exit"
     ends the process on the spot (as kill -9 would), "raise" raises an OSError (as a full disk would)."""
-    import hmt_runtime.memory as memory_module
-    import hmt_runtime.model as model_module
-    import hmt_runtime.train as train_module
+    import hmt_runtime.core.memory as memory_module
+    import hmt_runtime.model.hmt as model_module
+    import hmt_runtime.training.train as train_module
 
     count = [0]
 
@@ -184,7 +185,7 @@ def test_killed_between_the_renames_the_load_finishes_the_swap(tmp_path, monkeyp
 
 
 def test_trainer_checkpoint_killed_at_every_step(tmp_path):
-    from hmt_runtime.train import TrainConfig, load_checkpoint_state, save_checkpoint
+    from hmt_runtime.training.train import TrainConfig, load_checkpoint_state, save_checkpoint
 
     model = small_model()
     for p in model.backbone.parameters():
@@ -425,7 +426,7 @@ def test_from_pretrained_arguments(tmp_path, monkeypatch):
 
 
 def test_trainer_state_missing_or_wrong_fields(tmp_path):
-    from hmt_runtime.train import STATE_NAME, load_checkpoint_state
+    from hmt_runtime.training.train import STATE_NAME, load_checkpoint_state
 
     folder = tmp_path / "checkpoint"
     folder.mkdir()
@@ -551,7 +552,7 @@ def test_cli_serve_without_the_server_libraries_is_a_one_line_error(monkeypatch,
     import sys
 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ModuleNotFoundError
-    monkeypatch.delitem(sys.modules, "hmt_runtime.server", raising=False)
+    monkeypatch.delitem(sys.modules, "hmt_runtime.serving.server", raising=False)
     code, _, err = run_cli(["serve", "--model", str(model_folder), "--port", "0"], capsys)
     assert code == 2 and "needs 'fastapi'" in err and "pip install" in err, err
     assert err.count("\n") == 1 and "Traceback" not in err

@@ -55,7 +55,7 @@ def test_paper_mode_refresh_recomputes_p():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # the lean engine and the transformers engine
 def test_kv_cache_never_exceeds_window(monkeypatch, family):
-    from hmt_runtime.engines import Engine, StaticKV
+    from hmt_runtime.incremental.engines import Engine, StaticKV
 
     model = make_model(family, "causal")
     seen = []

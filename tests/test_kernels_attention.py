@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hmt_kernels.attention import _attention, attention_with_kvcache
-from hmt_runtime.ops import attention_with_kvcache_torch
+from hmt_runtime.core.ops import attention_with_kvcache_torch
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GUARD = 5  # poisoned positions on each side of the cache window / head dim

@@ -11,7 +11,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import hmt_kernels
 import hmt_kernels.hf
 from hmt_kernels.hf import SegmentKVCache, cache_argument, register_attention
-from hmt_runtime.ops import attention_with_kvcache_torch
+from hmt_runtime.core.ops import attention_with_kvcache_torch
 
 VOCAB = 61
 
@@ -154,7 +154,7 @@ def test_hmt_triton_falls_back_for_float64_and_gradients():
 
 
 def test_ops_backend():
-    from hmt_runtime.backend import triton_ops
+    from hmt_runtime.incremental.backend import triton_ops
 
     ops = triton_ops()
     assert ops.name == "triton" and ops.attn_implementation == "hmt_triton"
@@ -170,10 +170,10 @@ def test_hmt_model_triton_equals_torch(monkeypatch):
     from hmt_kernels.attention import attention_with_kvcache
     from tiny import tiny_backbone
 
-    import hmt_runtime.backend
+    import hmt_runtime.incremental.backend
 
     calls = {"recall": [], "memory_write": [], "attention": []}
-    real_ops = hmt_runtime.backend.triton_ops
+    real_ops = hmt_runtime.incremental.backend.triton_ops
 
     def counted_ops():  # the Triton backend, every op counted
         ops = real_ops()
@@ -182,7 +182,7 @@ def test_hmt_model_triton_equals_torch(monkeypatch):
         return dataclasses.replace(ops, recall=counting(ops.recall, calls["recall"]),
                                    memory_write=counting(ops.memory_write, calls["memory_write"]))
 
-    monkeypatch.setattr(hmt_runtime.backend, "triton_ops", counted_ops)
+    monkeypatch.setattr(hmt_runtime.incremental.backend, "triton_ops", counted_ops)
     models = {}
     for kernels in ("torch", "triton"):
         cfg = HMTConfig(segment_tokens=9, sensory_tokens=3, summary_tokens=4, memory_slots=3, recall_dim=24,
@@ -199,7 +199,7 @@ def test_hmt_model_triton_equals_torch(monkeypatch):
             ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(8))
             expected = models["torch"](ids).logits
             got = models["triton"](ids).logits
-            assert models["triton"].ops().name == "triton"
+            assert models["triton"].prepare_ops().name == "triton"
             # Generation writes memory through memory_write at every segment boundary.
             expected_ids = models["torch"].generate(ids[:1, :20], max_new_tokens=10)
             got_ids = models["triton"].generate(ids[:1, :20], max_new_tokens=10)

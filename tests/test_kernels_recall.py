@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hmt_kernels.recall import memory_write, recall
-from hmt_runtime.ops import memory_write_torch, recall_torch
+from hmt_runtime.core.ops import memory_write_torch, recall_torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
@@ -106,7 +106,7 @@ def test_errors_name_the_argument():
 @pytest.mark.parametrize("recall_scale", ["sqrt", "linear"])
 def test_recall_honours_the_score_scale(recall_scale):
     """HMTConfig.recall_scale "linear" (scores / d_h) is passed as ``scale`` and honoured by the kernel."""
-    from hmt_runtime.ops import recall_scale_factor
+    from hmt_runtime.core.ops import recall_scale_factor
 
     batch, n_slots, d_model, d_h = 2, 9, 40, 64
     summary, memory, keys, w_q = random_state(batch, n_slots, d_model, d_h, torch.float32, seed=7)

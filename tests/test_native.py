@@ -1,4 +1,4 @@
-"""The native ops (torch.ops.hmt.*, hmt_runtime.native) against float64 torch references, and the fallback.
+"""The native ops (torch.ops.hmt.*, hmt_runtime.native.kernels) against float64 torch references, and the fallback.
 
 Sizes are deliberately odd (head dims that are not multiples of 8, per-row cache lengths, window ends), so the
 vector tails, the causal masks and the split key ranges are all exercised.
@@ -9,9 +9,10 @@ import warnings
 import pytest
 import torch
 
-from hmt_runtime import backend as ops_module, native
-from hmt_runtime.backend import resolve_ops
-from hmt_runtime.ops import TORCH_OPS, attention_with_kvcache_torch, memory_write_torch, recall_torch
+from hmt_runtime.incremental import backend as ops_module
+from hmt_runtime.native import kernels as native
+from hmt_runtime.incremental.backend import resolve_ops
+from hmt_runtime.core.ops import TORCH_OPS, attention_with_kvcache_torch, memory_write_torch, recall_torch
 
 needs_native = pytest.mark.skipif(
     not native.available(), reason="the native extension hmt_runtime._C is not built (pip install -e . --no-build-isolation)"
@@ -166,7 +167,7 @@ def test_recall(dtype, written):
 def test_recall_linear_scale_is_honoured():
     """recall_scale "linear" (scores / d_h): the native op has 1 / sqrt(d_h) built in, so the wrapper runs the
     torch recall with the given scale rather than ignoring it."""
-    from hmt_runtime.ops import recall_scale_factor
+    from hmt_runtime.core.ops import recall_scale_factor
 
     summary, memory, keys, w_q = _memory_case(2, 13, 44, 27, torch.float32, seed=3)
     keys = keys * 6

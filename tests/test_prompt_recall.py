@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hmt_runtime import HMTConfig, generate, ingest
-from hmt_runtime.scheduler import Scheduler
+from hmt_runtime.incremental.scheduler import Scheduler
 from helpers import SEGMENT, VOCAB, make_model
 
 J = 4  # make_model's summary_tokens

@@ -1,4 +1,4 @@
-"""Weight-only low-precision linear layers (hmt_runtime.quant, torch.ops.hmt.linear).
+"""Weight-only low-precision linear layers (hmt_runtime.native.quant, torch.ops.hmt.linear).
 
 Every kernel format runs in every instruction-set build this CPU has (avx512, avx2, scalar) against a float64
 reference computed from the dequantized weights, on fresh random inputs (the seed is in each failure message)
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmt_runtime import native, quant
+from hmt_runtime.native import kernels as native
+from hmt_runtime.native import quant
 
 needs_native = pytest.mark.skipif(not native.available() or not quant._native(),
                                   reason="the native extension hmt_runtime._C is not built")
@@ -334,7 +335,7 @@ def test_default_backbone_q4_is_the_gguf_blocks():
     """weights="q4" reads the GGUF's Q4_1 projections and Q8_0 tied embedding as stored: every dequantized weight
     equals today's fp32 weight exactly, the lookups are identical, and the logits differ only by float32
     accumulation order."""
-    from hmt_runtime.backbones import load_backbone
+    from hmt_runtime.model.loading import load_backbone
 
     fp, tokenizer = load_backbone("smollm2-135m")
     q4, _ = load_backbone("smollm2-135m", weights="q4")
@@ -387,7 +388,7 @@ def test_default_model_greedy_tokens_equal_in_fp32_and_q4_on_real_text():
     from pathlib import Path
 
     from hmt_runtime import HMTModel
-    from hmt_runtime.api import generate_ids
+    from hmt_runtime.incremental.generation import generate_ids
 
     fp = HMTModel.from_pretrained("default")
     q4 = HMTModel.from_pretrained("default", weights="q4")

@@ -1,4 +1,4 @@
-"""Retrieval prompts (hmt_runtime.retrieval) and the benchmark's scoring (benchmarks/retrieval.py)."""
+"""Retrieval prompts (hmt_runtime.training.retrieval) and the benchmark's scoring (benchmarks/retrieval.py)."""
 import random
 import sys
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmt_runtime import HMTConfig, retrieval
+from hmt_runtime import HMTConfig
+from hmt_runtime.training import retrieval
 from helpers import CharTokenizer, make_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -2,11 +2,12 @@
 more segments earlier, through the training objective (``LastSegmentLoss`` with ``prompt_end`` and answer
 labels), with recall at the end of the prompt.  It separates "the semantics or the training path cannot" from
 "a real backbone needs more": if this fails, retrieval cannot be learnt at any scale."""
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hmt_runtime import HMTConfig, HMTModel
-from hmt_runtime.train import LastSegmentLoss
+from hmt_runtime.training.train import LastSegmentLoss
 
 KEYS, MARK, ASK, FILLER0, VOCAB = 10, 10, 11, 12, 40  # ids 0-9 keys, 10 "key:", 11 "key?", 12-39 filler
 LS, K, J, N = 8, 2, 4, 16
@@ -43,8 +44,16 @@ def accuracy(model, gen, segments, size=256):
     return float((logits.argmax(-1) == labels[:, -1]).float().mean())
 
 
-def test_tiny_hmt_learns_to_recall_a_key_from_far_segments():
-    torch.set_num_threads(2)
+@pytest.fixture
+def one_thread():
+    """Tiny ops on one thread: on a busy machine a second thread waits for a core at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_hmt_learns_to_recall_a_key_from_far_segments(one_thread):
     model = tiny_hmt()
     objective = LastSegmentLoss(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -538,7 +538,7 @@ def test_memories_are_shared_and_survive_a_restart(servers, model):
 def test_chat_without_template_is_a_clear_400(tmp_path):
     from fastapi.testclient import TestClient
 
-    from hmt_runtime.server import Server
+    from hmt_runtime.serving.server import Server
 
     server = Server(tiny_model(chat_template=False), rows=2, memory_dir=tmp_path, model_name=NAME)
     with TestClient(server.app) as client:
@@ -553,7 +553,7 @@ def test_chat_without_template_is_a_clear_400(tmp_path):
 
 
 def test_server_needs_a_tokenizer(tmp_path):
-    from hmt_runtime.server import Server
+    from hmt_runtime.serving.server import Server
 
     model = tiny_model()
     model.tokenizer = None

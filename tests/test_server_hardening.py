@@ -132,7 +132,7 @@ def test_a_failure_in_one_request_ends_only_that_request(tmp_path, monkeypatch):
     decoded beside it finish normally."""
     from fastapi.testclient import TestClient
 
-    from hmt_runtime import server as srv
+    from hmt_runtime.serving import server as srv
 
     real = srv._Sequence.advance
 
@@ -189,7 +189,7 @@ def test_host_header_must_name_this_machine(plain):
 
 def test_binding_beyond_loopback_without_a_key_warns(monkeypatch, capsys, tmp_path):
     """The bind itself is not made here (no server starts): the warning is printed before uvicorn runs."""
-    from hmt_runtime import server as srv
+    from hmt_runtime.serving import server as srv
 
     ran = []
 
@@ -378,7 +378,7 @@ def test_a_stream_nobody_reads_is_ended(tmp_path):
     freed, instead of generating up to max_tokens into a buffer."""
     import asyncio
 
-    from hmt_runtime import server as srv
+    from hmt_runtime.serving import server as srv
 
     server = srv.Server(tiny_model(), rows=2, memory_dir=tmp_path, model_name=NAME, stall_seconds=0.5)
     engine = server.engine

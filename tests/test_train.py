@@ -7,8 +7,8 @@ import torch
 import torch.multiprocessing as mp
 
 from hmt_runtime import HMTConfig, HMTModel
-from hmt_runtime.data import Windows, WindowSampler, as_documents, read_text, text_files, tokenize_files
-from hmt_runtime.train import (
+from hmt_runtime.training.data import Windows, WindowSampler, as_documents, read_text, text_files, tokenize_files
+from hmt_runtime.training.train import (
     LastSegmentLoss, TrainConfig, distillation_kl, load_checkpoint_state, save_checkpoint, segment_checkpointing,
     teacher_topk, train,
 )
@@ -138,7 +138,7 @@ def test_resume_errors_and_checkpoints_are_never_damaged(tmp_path, monkeypatch):
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr("hmt_runtime.train.torch.save", broken_save)
+    monkeypatch.setattr("hmt_runtime.training.train.torch.save", broken_save)
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(ckpt, model, opt, torch.optim.lr_scheduler.StepLR(opt, 1), [], 7, tiny_config(tmp_path))
@@ -409,7 +409,7 @@ def test_recall_max_norm_caps_the_spectral_norm_of_w_q_and_w_k(tmp_path):
 
 
 def test_lora_targets_all_extends_an_attention_adapter_without_changing_the_function(tmp_path):
-    from hmt_runtime.train import apply_mode
+    from hmt_runtime.training.train import apply_mode
 
     model = apply_mode(tiny_model(), "lora", 2)
     with torch.no_grad():
@@ -446,6 +446,6 @@ def test_lora_targets_all_extends_an_attention_adapter_without_changing_the_func
 
 
 def tiny_model_with_adapter(rank):
-    from hmt_runtime.train import apply_mode
+    from hmt_runtime.training.train import apply_mode
 
     return apply_mode(tiny_model(), "lora", rank)

@@ -1,4 +1,5 @@
-"""Checkpoints of HMT-pytorch, the paper's reference code, read into an HMTModel (docs/hmt_pytorch.md).
+"""Checkpoints of HMT-pytorch, the paper's reference code, read for ``HMTModel.from_hmt_pytorch``
+(docs/hmt_pytorch.md; ``hmt_runtime.model.convert`` writes them as this project's checkpoints).
 
 HMT-pytorch saves the ``state_dict`` of its ``RecurrentWrapper`` (``torch.save``, after accelerate's ``prepare``:
 every key carries ``module.``), or a DeepSpeed ZeRO folder whose fp32 weights DeepSpeed's ``zero_to_fp32.py``
@@ -25,14 +26,16 @@ import math
 import numbers
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import backbones
-from .atomic import path_text
-from .checks import check_finite
-from .config import HMTConfig
+from ..core import backbones
+from . import loading
+from ..core.atomic import path_text
+from ..core.checks import check_finite
+from ..core.config import HMTConfig
 
 SOURCE_FORMATS = ("hmt-pytorch",)
 PREFIX = "module."                           # accelerate's wrapper
@@ -289,12 +292,12 @@ def _check_float(where: str, key: str, tensor: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------------ the backbone
 def _backbone_folder(backbone) -> tuple[Path, str]:
-    name = path_text(backbone, "backbone", f"{backbones.DEFAULT_BACKBONE!r} or a transformers model folder")
-    if name == backbones.DEFAULT_BACKBONE:
-        return backbones.default_backbone_folder(), name
+    name = path_text(backbone, "backbone", f"{loading.DEFAULT_BACKBONE!r} or a transformers model folder")
+    if name == loading.DEFAULT_BACKBONE:
+        return loading.default_backbone_folder(), name
     folder = Path(name)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"backbone={name!r}: expected {backbones.DEFAULT_BACKBONE!r} or a local transformers "
+        raise FileNotFoundError(f"backbone={name!r}: expected {loading.DEFAULT_BACKBONE!r} or a local transformers "
                                 "model folder holding config.json (the backbone the checkpoint was trained on; its "
                                 "weights are taken from the checkpoint)")
     return folder, name
@@ -405,11 +408,24 @@ def _dtype(value):
     return value
 
 
-def from_hmt_pytorch(checkpoint, backbone, *, window: int, sensory_tokens: int, recall_dim: int,
+@dataclass
+class Converted:
+    """An HMT-pytorch checkpoint, read: the config, the backbone (LoRA merged) and its tokenizer, the HMT
+    parameters by ``HMTModel`` parameter name, and what the conversion found (``HMTModel.hmt_conversion``)."""
+
+    config: HMTConfig
+    backbone: torch.nn.Module
+    tokenizer: object
+    parameters: dict
+    info: dict
+
+
+def read_hmt_pytorch(checkpoint, backbone, *, window: int, sensory_tokens: int, recall_dim: int,
                      memory_slots: int = DEFAULT_MEMORY_SLOTS, sum_fraction: float = DEFAULT_SUM_FRACTION,
                      recall_scale: str | None = None, lora_alpha: float = DEFAULT_LORA_ALPHA, dtype=None,
                      kernels: str = "auto"):
-    """An HMTModel holding the weights of an HMT-pytorch checkpoint (``read_state_dict`` says which files).
+    """What ``HMTModel.from_hmt_pytorch`` builds a model from: an HMT-pytorch checkpoint read and validated
+    (``read_state_dict`` says which files), as a ``Converted``.
 
     backbone: the backbone it was trained on, ``"smollm2-135m"`` or a transformers model folder (its config.json
     and tokenizer are used; the weights come from the checkpoint).  window: the reference's ``--segment_length``
@@ -421,8 +437,6 @@ def from_hmt_pytorch(checkpoint, backbone, *, window: int, sensory_tokens: int, 
     common dtype of its backbone tensors).  Recall runs in "paper" mode, as in the reference.  Everything read is
     validated; errors name the file, the key, what was found and what was expected.
     """
-    from .model import HMTModel
-
     where = str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else repr(checkpoint)
     sum_fraction = _check_number("sum_fraction", sum_fraction, 0.0, 1.0)
     lora_alpha = _check_number("lora_alpha", lora_alpha, 0.0, math.inf)
@@ -473,78 +487,7 @@ def from_hmt_pytorch(checkpoint, backbone, *, window: int, sensory_tokens: int, 
     model_backbone, tokenizer = build_backbone(checked, dtype)
     untied = checked["untied"]
     del checked
-    model = HMTModel(model_backbone, config, tokenizer=tokenizer)
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for key, (name, _) in HMT_KEYS.items():
-            params[name].copy_(hmt[key].to(model.dtype))
-    model.eval()
-    model.hmt_conversion = {"lora_modules": lora["modules"], "lora_ranks": lora["ranks"],
-                            "lora_alpha": lora_alpha if lora["modules"] else None, "untied_lm_head": untied,
-                            "dtype": str(model.dtype).replace("torch.", "")}
-    return model
-
-
-def convert_hmt_pytorch(checkpoint, backbone, out, **kwargs):
-    """``from_hmt_pytorch(checkpoint, backbone, **kwargs)`` saved to ``out`` as this project's checkpoint (with
-    the merged backbone and its tokenizer; written beside ``out`` and renamed into place).  Returns the model."""
-    model = from_hmt_pytorch(checkpoint, backbone, **kwargs)
-    model.save_pretrained(out, save_backbone=True)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------ the command
-def add_convert_parser(sub) -> None:
-    """``hmt convert --from hmt-pytorch CKPT --backbone NAME_OR_DIR --window W --sensory-tokens k --recall-dim d_h
-    --out DIR``."""
-    from .cli import int_at_least
-
-    parser = sub.add_parser("convert", help="convert a checkpoint trained with HMT-pytorch (the paper's code) into "
-                                            "this project's checkpoint format")
-    parser.add_argument("--from", dest="source_format", choices=SOURCE_FORMATS, required=True,
-                        help="the checkpoint's format: hmt-pytorch (docs/hmt_pytorch.md)")
-    parser.add_argument("checkpoint", help="a model_weights_<step>.pth (or .pt / .bin / .safetensors) state dict, or "
-                                           "the file or folder DeepSpeed's zero_to_fp32.py writes")
-    parser.add_argument("--backbone", required=True,
-                        help="the backbone it was trained on: a transformers model folder (its config.json and "
-                             "tokenizer; the weights come from the checkpoint) or 'smollm2-135m'")
-    parser.add_argument("--window", type=int_at_least(3), required=True,
-                        help="W, the reference's --segment_length (Ls = W - 2 - k)")
-    parser.add_argument("--sensory-tokens", type=int_at_least(0), required=True,
-                        help="k, the reference's --num_sensory")
-    parser.add_argument("--recall-dim", type=int_at_least(1), required=True,
-                        help="d_h, the reference's --mem_recall_hidden_dim")
-    parser.add_argument("--memory-slots", type=int_at_least(1), default=DEFAULT_MEMORY_SLOTS,
-                        help=f"N, the reference's --mem_recall_context (default {DEFAULT_MEMORY_SLOTS})")
-    parser.add_argument("--sum-fraction", type=float, default=DEFAULT_SUM_FRACTION,
-                        help="the reference's --sum_fraction: j = round(Ls * fraction) "
-                             f"(default {DEFAULT_SUM_FRACTION})")
-    parser.add_argument("--recall-scale", choices=("sqrt", "linear"), default=None,
-                        help="recall scores / sqrt(d_h) or / d_h ('linear': the reference's teacher-forced forward at "
-                             "d >= 4096 and d_h >= 4096, where this option is required); default sqrt")
-    parser.add_argument("--lora-alpha", type=float, default=DEFAULT_LORA_ALPHA,
-                        help="the LoRA alpha of the training run, not stored in the file "
-                             f"(default {DEFAULT_LORA_ALPHA:g}, the reference's)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="dtype of the written checkpoint (default auto: the checkpoint's)")
-    parser.add_argument("--out", required=True, help="the folder to write (a new folder, or a checkpoint to replace)")
-    parser.set_defaults(func=cmd_convert)
-
-
-def cmd_convert(args) -> int:
-    from .cli import check_output_dir
-
-    check_output_dir("--out", args.out)
-    model = convert_hmt_pytorch(args.checkpoint, args.backbone, args.out, window=args.window,
-                                sensory_tokens=args.sensory_tokens, recall_dim=args.recall_dim,
-                                memory_slots=args.memory_slots, sum_fraction=args.sum_fraction,
-                                recall_scale=args.recall_scale, lora_alpha=args.lora_alpha, dtype=args.dtype)
-    info = model.hmt_conversion
-    identity = model.backbone_identity()
-    lora = (f"LoRA merged into the backbone ({info['lora_modules']} layers, rank "
-            f"{'/'.join(str(r) for r in info['lora_ranks'])}, alpha {info['lora_alpha']:g})"
-            if info["lora_modules"] else "no LoRA")
-    print(f"wrote {args.out}: {model.config.describe()}")
-    print(f"backbone {identity['source']} ({identity['model_type']}, d = {identity['width']}), {info['dtype']}; {lora}"
-          + ("; its LM head kept the base embedding (untied)" if info["untied_lm_head"] else ""))
-    return 0
+    parameters = {name: hmt[key] for key, (name, _) in HMT_KEYS.items()}
+    info = {"lora_modules": lora["modules"], "lora_ranks": lora["ranks"],
+            "lora_alpha": lora_alpha if lora["modules"] else None, "untied_lm_head": untied}
+    return Converted(config, model_backbone, tokenizer, parameters, info)

@@ -4,9 +4,12 @@ Every error names the argument (or the file and field), the value received and w
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import numbers
+import os
+from pathlib import Path
 
 import torch
 
@@ -42,6 +45,23 @@ def check_eos_token_id(eos_token_id, vocab_size: int | None = None, name: str = 
             limit = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
             raise ValueError(f"{name}={eos_token_id!r}: id {value} is outside the vocabulary {limit}")
     return ids
+
+
+def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
+    """Validate token ids: a non-empty (B, S) integer tensor with ids in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{name}: expected shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"{name}: expected at least one token, got shape {tuple(input_ids.shape)}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return input_ids.long()
 
 
 def _is_int(value) -> bool:
@@ -100,3 +120,33 @@ def check_finite(path, name: str, tensor: torch.Tensor) -> None:
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{str(path)!r}: tensor {name!r} holds {bad} NaN or infinite value(s); expected finite "
                          "values (the file is damaged or was saved from a diverged model)")
+
+
+def int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def check_output_dir(option: str, path) -> None:
+    """Refuse an output folder that is a file or lies under one, before any work starts."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a file; expected a folder")
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {str(path)!r}: the folder {str(parent)!r} is not writable")
+            break

@@ -37,6 +37,8 @@ bias added in float32: the precision a bf16 model runs at everywhere else, at ab
 on such CPUs (``HMT_BF16_GEMM=0`` turns it off, ``=1`` forces it).  Without
 the extension, on another device, or for float64 inputs and inputs that record autograd, ``QuantLinear`` runs
 ``F.linear`` on the dequantized weight (correct, slower).
+
+Over 500 lines: the formats, their layers and their loaders share the block layouts.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ _BLOCK_BYTES = {"q4": 20, "q8": 34}
 _warned: set[str] = set()
 
 
-def _check_format(fmt: str, allowed=STORAGE_FORMATS, name: str = "weight_format") -> str:
+def check_format(fmt: str, allowed=STORAGE_FORMATS, name: str = "weight_format") -> str:
     if fmt not in allowed:
         raise ValueError(f"{name}={fmt!r}: expected one of {', '.join(map(repr, allowed))}")
     return fmt
@@ -94,7 +96,7 @@ def bf16_gemm() -> bool:
 def _native() -> bool:
     """Whether torch.ops.hmt.linear is available (loads the extension once)."""
     try:
-        from . import native
+        from . import kernels as native
 
         native._extension()
     except ImportError:
@@ -242,7 +244,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, weight_format: str, qweight: torch.Tensor,
                  scale: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         super().__init__()
-        _check_format(weight_format)
+        check_format(weight_format)
         self.in_features, self.out_features, self.weight_format = int(in_features), int(out_features), weight_format
         expected = {
             "fp32": (torch.float32, in_features), "bf16": (torch.bfloat16, in_features),
@@ -342,7 +344,7 @@ class QuantEmbedding(nn.Module):
 
 def quantize_linear(linear: nn.Linear, fmt: str) -> QuantLinear:
     """A QuantLinear holding ``linear``'s weight (N, K) in format ``fmt`` (fp32, bf16, int8, q4 or q8)."""
-    _check_format(fmt, name="fmt")
+    check_format(fmt, name="fmt")
     weight = linear.weight.detach()
     n, k = weight.shape
     bias = None if linear.bias is None else linear.bias.detach().float()
@@ -351,7 +353,7 @@ def quantize_linear(linear: nn.Linear, fmt: str) -> QuantLinear:
 
 def from_weight(weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> QuantLinear:
     """A QuantLinear for the float weight (N, K) in format ``fmt``."""
-    _check_format(fmt, name="fmt")
+    check_format(fmt, name="fmt")
     n, k = weight.shape
     w = weight.detach()
     if fmt == "fp32":
@@ -440,9 +442,9 @@ def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | 
 
     Returns {parameter name: storage format} of what was converted ("q4 (gguf)" when read from the GGUF).
     """
-    _check_format(fmt, WEIGHT_FORMATS, name="weights")
-    head_format = _check_format(head_format or ("q8" if fmt == "q4" else fmt), name="head_format")
-    from .backbones import unwrap
+    check_format(fmt, WEIGHT_FORMATS, name="weights")
+    head_format = check_format(head_format or ("q8" if fmt == "q4" else fmt), name="head_format")
+    from ..core.backbones import unwrap
 
     inner = unwrap(backbone)
     stored = {}

@@ -2,9 +2,11 @@
 
 The segment step (docs/spec.md "One segment") is split into pieces: ``summarize`` (step 1), ``recall_memory``
 (step 2), ``segment_embeddings`` + ``run_backbone`` (step 3) and ``lm_logits`` (step 4).  ``forward`` runs them
-over whole segments, with the host-side rules of ``hmt_runtime.segment`` (recall query, what is carried); the
-scheduler (``hmt_runtime.scheduler``), the one incremental path, uses the same rules and embeddings.  The forward
+over whole segments, with the host-side rules of ``hmt_runtime.core.segment`` (recall query, what is carried); the
+scheduler (``hmt_runtime.incremental.scheduler``), the one incremental path, uses the same rules and embeddings.  The forward
 is the reference every kernel, engine and the scheduler are checked against.
+
+Over 500 lines: the forward and the checkpoint methods are one class, HMTModel.
 """
 from __future__ import annotations
 
@@ -20,14 +22,17 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import backbones, segment
-from . import atomic
-from . import quant
-from .atomic import staged_dir
-from .checks import check_finite, checksum_metadata, verify_checksums
-from .backend import model_ops
-from .config import HMTConfig
-from .ops import TORCH_OPS, Ops, recall_scale_factor
+from ..core import backbones
+from ..core import segment
+from ..core import atomic
+from ..native import quant
+from . import hmt_pytorch
+from .loading import load_backbone
+from ..core.atomic import staged_dir
+from ..core.checks import check_finite, check_input_ids, checksum_metadata, verify_checksums
+from ..incremental.backend import model_ops
+from ..core.config import HMTConfig
+from ..core.ops import TORCH_OPS, Ops, recall_scale_factor
 
 CONFIG_NAME = "hmt_config.json"
 WEIGHTS_NAME = "hmt.safetensors"
@@ -35,7 +40,7 @@ ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 FORMAT = "hmt-checkpoint"
 CHECKPOINT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BACKBONE_DIR)  # what a checkpoint folder holds
-DEFAULT_DIR = Path(__file__).parent / "weights" / "default"
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
 class Recall(nn.Module):
@@ -55,23 +60,6 @@ class HMTOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     memories: torch.Tensor | None = None
-
-
-def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
-    """Validate token ids: a non-empty (B, S) integer tensor with ids in [0, vocab_size)."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-        raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"{name}: expected shape (batch, seq_len), got {tuple(input_ids.shape)}")
-    if input_ids.numel() == 0:
-        raise ValueError(f"{name}: expected at least one token, got shape {tuple(input_ids.shape)}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return input_ids.long()
 
 
 def _check_labels(labels, shape, vocab_size: int) -> None:
@@ -193,9 +181,10 @@ class HMTModel(nn.Module):
             self.memory_init.copy_(vector)
 
     # ----------------------------------------------------------------------------------------- backend
-    def ops(self) -> Ops:
-        """The hot-path ops: the configured backend (``hmt_runtime.backend``), or torch while gradients are
-        needed (the kernels are inference-only)."""
+    def prepare_ops(self) -> Ops:
+        """The hot-path ops: the configured kernels (``hmt_runtime.incremental.backend.model_ops``), or torch while
+        gradients are needed (the kernels are inference-only).  The first call for a device sets the backbone's
+        attention implementation to the kernels' (once; later calls only look it up)."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return TORCH_OPS
         return model_ops(self)
@@ -236,7 +225,7 @@ class HMTModel(nn.Module):
 
     def recall_memory(self, summary, memory, keys, written, ops: Ops | None = None) -> torch.Tensor:
         """Spec step 2: summary (B, d), memory (B, n, d), keys (B, n, d_h), written (B,) -> P (B, d)."""
-        ops = ops or self.ops()
+        ops = ops or self.prepare_ops()
         return ops.recall(summary, memory, keys, written, self.recall.w_q.weight, scale=self.recall_scale)
 
     def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
@@ -265,7 +254,7 @@ class HMTModel(nn.Module):
         """
         cfg = self.config
         batch, length = input_ids.shape
-        ops = self.ops()
+        ops = self.prepare_ops()
         memories: list[torch.Tensor] = []
         sensory = tail = None
         ends = prompt_end.tolist() if (prompt_end is not None and cfg.prompt_recall) else [None] * batch
@@ -374,7 +363,7 @@ class HMTModel(nn.Module):
         config and never modified.  ``return_state=True`` returns ``(ids, new_state)``: the state after the prompt
         and every new token but a final EOS.
         """
-        from .api import generate_ids  # the model knows the segment step, not the scheduler
+        from ..incremental.generation import generate_ids  # the model knows the segment step, not the scheduler
 
         return generate_ids(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
@@ -403,7 +392,7 @@ class HMTModel(nn.Module):
         ``hmt_config.json`` (HMT config, recall mode, backbone identity), the LoRA adapter if the backbone is a
         peft model, and with ``save_backbone`` the whole backbone and tokenizer.
 
-        The folder is written beside the target and renamed into place (``hmt_runtime.atomic``): a failed or
+        The folder is written beside the target and renamed into place (``hmt_runtime.core.atomic``): a failed or
         killed save leaves the previous checkpoint loadable.  A target folder holding files that are not a
         checkpoint's is refused (FileExistsError naming them; nothing is deleted), as is a target that is a file.
         Parameters holding NaN or infinity are refused (ValueError) so that they never replace a good checkpoint.
@@ -513,11 +502,17 @@ class HMTModel(nn.Module):
         not, LoRA or not) or the output of DeepSpeed's ``zero_to_fp32.py``, on ``backbone`` (a transformers model
         folder or "smollm2-135m": its config and tokenizer).  Keyword arguments: ``window``, ``sensory_tokens``,
         ``recall_dim`` (required), ``memory_slots``, ``sum_fraction``, ``recall_scale``, ``lora_alpha``, ``dtype``,
-        ``kernels``; see ``hmt_runtime.convert.from_hmt_pytorch`` and docs/hmt_pytorch.md.  LoRA adapters are
+        ``kernels``; see ``hmt_runtime.model.hmt_pytorch.read_hmt_pytorch`` and docs/hmt_pytorch.md.  LoRA adapters are
         merged into the backbone; ``save_pretrained(..., save_backbone=True)`` keeps the result."""
-        from .convert import from_hmt_pytorch
-
-        return from_hmt_pytorch(checkpoint, backbone, **kwargs)
+        parts = hmt_pytorch.read_hmt_pytorch(checkpoint, backbone, **kwargs)
+        model = cls(parts.backbone, parts.config, tokenizer=parts.tokenizer)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, tensor in parts.parameters.items():
+                params[name].copy_(tensor.to(model.dtype))
+        model.eval()
+        model.hmt_conversion = {**parts.info, "dtype": str(model.dtype).replace("torch.", "")}
+        return model
 
     @classmethod
     def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,
@@ -526,7 +521,7 @@ class HMTModel(nn.Module):
         SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline).
 
         Everything read is validated (``read_checkpoint_config``, ``load_hmt_weights``; the adapter's weights
-        must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.atomic``).
+        must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.core.atomic``).
         ``weights`` ("fp32", "bf16", "int8", "q4"): the storage of the backbone's linear weights (``load_backbone``;
         a given ``backbone`` is converted in place); LoRA adapters are applied beside the quantized weights.
         """
@@ -551,10 +546,10 @@ class HMTModel(nn.Module):
         identity = meta.get("backbone", {})
         if backbone is None:
             if meta.get("backbone_dir"):
-                backbone, tokenizer = backbones.load_backbone(str(directory / meta["backbone_dir"]),
+                backbone, tokenizer = load_backbone(str(directory / meta["backbone_dir"]),
                                                               weights=weights or "fp32")
             elif identity.get("source"):
-                backbone, tokenizer = backbones.load_backbone(identity["source"], weights=weights or "fp32")
+                backbone, tokenizer = load_backbone(identity["source"], weights=weights or "fp32")
             else:
                 raise ValueError(f"checkpoint {str(directory)!r} records no backbone source; pass backbone=")
             if dtype is not None:

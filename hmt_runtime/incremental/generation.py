@@ -1,4 +1,4 @@
-"""The user-facing entry points, all on the scheduler (hmt_runtime.scheduler), the one incremental path:
+"""The user-facing entry points, all on the scheduler (hmt_runtime.incremental.scheduler), the one incremental path:
 
 * ``generate(model, prompts, ...)``: text or token ids in, text or ids out, batched, streamed if asked;
 * ``ingest(model, input_ids, state=None)``: read a document into a ``MemoryState`` (flat memory);
@@ -23,8 +23,8 @@ from transformers.generation.logits_process import (
 )
 
 from .backend import check_choices
-from .checks import check_eos_token_id, check_text
-from .memory import MemoryState
+from ..core.checks import check_eos_token_id, check_input_ids, check_text
+from ..core.memory import MemoryState
 from .scheduler import Scheduler
 
 
@@ -335,8 +335,6 @@ def ingest(model, input_ids: torch.Tensor, state: MemoryState | None = None, pro
     Runs on the scheduler: memory use is flat in S, since only the W-position KV cache and the fixed-size state
     are kept, so a document of a million tokens needs what ten thousand do.
     """
-    from .model import check_input_ids
-
     input_ids = check_input_ids(input_ids, model.vocab_size)
     if state is None:
         state = new_state(model, input_ids.shape[0])
@@ -363,7 +361,6 @@ def ingest(model, input_ids: torch.Tensor, state: MemoryState | None = None, pro
     finally:
         if bar is not None:
             bar.close()
-    state.kv = [None] * state.batch_size
     return state, torch.cat(logits)
 
 
@@ -372,8 +369,6 @@ def generate_ids(model, input_ids, max_new_tokens=32, do_sample=False, temperatu
                  eos_token_id=None, streamer=None, state=None, return_state=False, progress=False):
     """``HMTModel.generate``: input_ids (B, S) -> (B, S + new) on the scheduler, rows that stop early padded with
     the smallest EOS id; ``(ids, state)`` with ``return_state``.  See ``HMTModel.generate``."""
-    from .model import check_input_ids
-
     check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
     input_ids = check_input_ids(input_ids, model.vocab_size)
     batch = input_ids.shape[0]

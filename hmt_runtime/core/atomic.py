@@ -72,10 +72,6 @@ def _fsync_path(path) -> None:
         os.close(fd)
 
 
-def _describe(path: Path) -> str:
-    return repr(str(path))
-
-
 def path_text(value, what: str = "path", expected: str = "a folder path") -> str:
     """A path argument as text: clear errors (naming ``what``) for None, other types and an empty string."""
     if value is None or not isinstance(value, (str, os.PathLike)):

@@ -3,15 +3,14 @@
 One state holds B sequences.  Per row: the memory ring buffer with its cached keys, the sensory ids, the tokens
 of the current segment so far, the tail of the previous segment (the causal recall query and the provisional
 paper-mode query), and the recalled memory ``P`` of the current segment.  The backbone's KV cache of the current
-segment is runtime data (``kv``): it is never saved, and is rebuilt from ``P``, the sensory ids and the segment
-tokens when a loaded state is resumed, so a saved state stays small and independent of the attention backend.
+segment is not part of the state: the engine that runs a row holds it, and rebuilds it from ``P``, the sensory ids
+and the segment tokens when a loaded state is resumed, so a saved state stays small and independent of the attention backend.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -40,7 +39,6 @@ class MemoryState:
     provisional: (B,) bool, P came from a provisional query (paper mode, fewer than j tokens known).
     started: (B,) bool, the current segment has begun (``recalled`` is valid).
     segments_done: (B,) int64, completed segments.
-    kv: the backbone's cache for the current segment of each row (runtime only; None = rebuild on next use).
     """
 
     memory: torch.Tensor
@@ -56,11 +54,6 @@ class MemoryState:
     provisional: torch.Tensor
     started: torch.Tensor
     segments_done: torch.Tensor
-    kv: list[Any] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.kv:
-            self.kv = [None] * self.memory.shape[0]
 
     @classmethod
     def empty(cls, config, batch_size: int, width: int, device=None, dtype=torch.float32) -> "MemoryState":
@@ -90,20 +83,16 @@ class MemoryState:
         return {name: getattr(self, name) for name in _TENSORS}
 
     def clone(self) -> "MemoryState":
-        """A deep copy of the saved part; the live KV caches are dropped (rebuilt on next use)."""
+        """A deep copy."""
         return MemoryState(**{name: t.clone() for name, t in self.tensors().items()})
 
     def row(self, index: int) -> "MemoryState":
         """Row ``index`` as a batch-1 state sharing storage with this one (writes go through)."""
-        state = MemoryState(**{name: t[index : index + 1] for name, t in self.tensors().items()})
-        state.kv = self.kv[index : index + 1]
-        return state
+        return MemoryState(**{name: t[index : index + 1] for name, t in self.tensors().items()})
 
     @classmethod
     def stack(cls, rows: list["MemoryState"]) -> "MemoryState":
-        state = cls(**{name: torch.cat([getattr(r, name) for r in rows]) for name in _TENSORS})
-        state.kv = [kv for r in rows for kv in r.kv]
-        return state
+        return cls(**{name: torch.cat([getattr(r, name) for r in rows]) for name in _TENSORS})
 
     def validate(self, config=None, width: int | None = None, vocab_size: int | None = None,
                  where: str = "state") -> "MemoryState":

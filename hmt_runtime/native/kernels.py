@@ -2,12 +2,12 @@
 ``hmt_runtime._C`` (sources in ``csrc/``).
 
 Build it with ``pip install -e . --no-build-isolation`` (or ``python setup.py build_ext --inplace``).
-``available()`` says whether it loads; ``ops()`` returns the ``hmt_runtime.ops.Ops`` backend and raises
+``available()`` says whether it loads; ``ops()`` returns the ``hmt_runtime.core.ops.Ops`` backend and raises
 ``ImportError`` with the reason when the extension is missing, which ``resolve_ops("auto", "cpu")`` turns into one
 warning and the torch ops.
 
 The ops are ``torch.ops.hmt.attention_with_kvcache``, ``torch.ops.hmt.recall`` and ``torch.ops.hmt.memory_write``,
-with the contracts of ``hmt_runtime.ops`` and fake (meta) kernels so that ``torch.compile`` can trace them.  They
+with the contracts of ``hmt_runtime.core.ops`` and fake (meta) kernels so that ``torch.compile`` can trace them.  They
 are inference kernels for float32, bfloat16 and float16 tensors: the wrappers below hand calls that need autograd,
 and other dtypes (e.g. float64), to the torch reference, so results never silently lose gradients or precision.
 """
@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from .ops import Ops, attention_with_kvcache_torch, memory_write_torch, recall_torch
+from ..core.ops import Ops, attention_with_kvcache_torch, memory_write_torch, recall_torch
 
 ATTN_IMPLEMENTATION = "hmt_native"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,7 +98,7 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
 
 
 def recall(summary, memory, keys, written, w_q, out=None, scale=None):
-    """P = softmax((S W_q^T) K^T / sqrt(d_h)) @ memory over the valid slots; see ``hmt_runtime.ops``.
+    """P = softmax((S W_q^T) K^T / sqrt(d_h)) @ memory over the valid slots; see ``hmt_runtime.core.ops``.
 
     summary: (B, d); memory: (B, N, d); keys: (B, N, d_h); written: (B,) int64; w_q: (d_h, d);
     out: optional (B, d), may be a strided view.  Returns P: (B, d) (zeros for rows with nothing written).
@@ -124,7 +124,7 @@ def memory_write(new_memory, w_k, memory, keys, written) -> None:
 
 
 def attention_with_kvcache(q, k_new, v_new, k_cache, v_cache, cache_lens, scale=None):
-    """Append k_new/v_new to the caches at ``cache_lens`` and attend causally (bottom-right); see ``hmt_runtime.ops``.
+    """Append k_new/v_new to the caches at ``cache_lens`` and attend causally (bottom-right); see ``hmt_runtime.core.ops``.
 
     q: (B, Lq, Hq, D); k_new, v_new: (B, Lq, Hkv, D); k_cache, v_cache: (B, Hkv, W, D), written in place at
     positions [cache_lens[b], cache_lens[b] + Lq); cache_lens: (B,) int (not advanced); Hq a multiple of Hkv.
@@ -158,7 +158,7 @@ def register() -> str | None:
 
 
 def ops() -> Ops:
-    """The native backend as ``hmt_runtime.ops.Ops``; ImportError when the extension is not built."""
+    """The native backend as ``hmt_runtime.core.ops.Ops``; ImportError when the extension is not built."""
     _extension()
     return Ops(
         name="native",

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .backend import KERNEL_CHOICES
 from .ops import RECALL_SCALES
 
 RECALL_MODES = ("paper", "causal")
+DEFAULT_RECALL = "paper"  # HMTConfig.recall, and `hmt generate|serve --recall` for a fresh HMT
+KERNEL_CHOICES = ("auto", "torch", "triton", "native")  # which kernels run the HMT ops (HMTConfig.kernels)
 # Fields added after the first checkpoints, and the value a config saved without them means.
 SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False}
 
@@ -33,7 +34,7 @@ class HMTConfig:
     recall: "paper" (query = first j tokens of the segment) or "causal" (query = last j tokens before it).
     recall_scale: "sqrt" (recall scores divided by sqrt(d_h), the spec) or "linear" (divided by d_h: models
         trained with the paper's code at d >= 4096 and d_h >= 4096, docs/hmt_pytorch.md).
-    kernels: "auto", "torch", "triton" or "native": the backend of the hot-path ops (hmt_runtime.ops).
+    kernels: "auto", "torch", "triton" or "native": the backend of the hot-path ops (hmt_runtime.core.ops).
     prompt_recall: the segment in which a prompt ends recalls with the last j ids of the prompt as its query
         (docs/spec.md "Recall at the end of a prompt"), so that a question closing a prompt steers recall.
         False (the paper's rule, and that of checkpoints that do not record the field) leaves every segment's
@@ -45,7 +46,7 @@ class HMTConfig:
     summary_tokens: int | None = None
     memory_slots: int = 300
     recall_dim: int = 1536
-    recall: str = "paper"
+    recall: str = DEFAULT_RECALL
     kernels: str = "auto"
     recall_scale: str = "sqrt"
     prompt_recall: bool = False
@@ -128,7 +129,7 @@ class HMTConfig:
         )
 
 
-# The defaults of `hmt serve`'s limit flags (hmt_runtime.server's docstring describes them; 0 turns one off).
+# The defaults of `hmt serve`'s limit flags (hmt_runtime.serving.server's docstring describes them; 0 turns one off).
 SERVE_LIMITS = {
     "max_request_bytes": 4 * 2**20, "max_prompt_tokens": 131072, "max_document_tokens": 1048576,
     "max_tokens_limit": 4096, "max_memories": 1000,

@@ -2,7 +2,7 @@
 
 Host-side decisions only, no backbone work: which tokens form the recall query, when a provisional query is
 refreshed, how many tokens a segment takes next, when it closes, and what is carried to the next segment.  The
-teacher-forced forward (``HMTModel.iter_segments``) and the scheduler (``hmt_runtime.scheduler``) both call these
+teacher-forced forward (``HMTModel.iter_segments``) and the scheduler (``hmt_runtime.incremental.scheduler``) both call these
 functions, so the two paths cannot drift apart.
 
 Shapes: ids are (B, L) int64 tensors; ``cfg`` is an ``HMTConfig`` (Ls = ``segment_tokens``, k =

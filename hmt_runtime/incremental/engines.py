@@ -6,13 +6,15 @@ bookkeeping after a decode), with the same signatures, and owns a ``StaticKV``.
 
 * ``LlamaEngine`` ("lean"): a lean forward of Llama-family decoders (Llama / SmolLM2, Mistral, Qwen2) over the
   backbone's own weights, op for op what transformers computes, with a batched decode step.  Projections are
-  ``nn.Linear`` or ``QuantLinear`` (``hmt_runtime.quant``, low-precision weights), with or without LoRA (peft)
+  ``nn.Linear`` or ``QuantLinear`` (``hmt_runtime.native.quant``, low-precision weights), with or without LoRA (peft)
   adapters: a LoRA over a float weight runs merged into a copy the engine owns
   (W + scale * B A; the peft model keeps its adapter for training and saving), a LoRA over a quantized weight
   beside it.  With the native kernels on CPU, a decode step is one op (``torch.ops.hmt.decode_step``,
   csrc/cpu/decode.cpp) for the whole decoder.
 * ``HFEngine`` ("transformers"): any other transformers backbone through its own forward, one row at a time, with
   a ``Cache`` whose storage is the static buffers.
+
+Over 500 lines: the engines share the static KV buffers and one interface.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import backbones
+from ..core import backbones
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
@@ -88,7 +90,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, perm: 
 class Projection:
     """One projection y = x W^T (+ b) of the lean engine, in the form the backbone stores it.
 
-    A plain ``nn.Linear`` (its own tensors), a ``QuantLinear`` (``hmt_runtime.quant``: fp32 / bf16 / int8 / 4-bit
+    A plain ``nn.Linear`` (its own tensors), a ``QuantLinear`` (``hmt_runtime.native.quant``: fp32 / bf16 / int8 / 4-bit
     weights run by the native kernels), or either one under a peft LoRA adapter.  A LoRA over a float ``nn.Linear``
     is merged into a copy the engine owns (W + scale * B A, computed in float64); a LoRA over a QuantLinear stays
     beside it (``lora_a`` (r, K), ``lora_b`` (N, r), several adapters stacked into one, scales folded into A).
@@ -278,7 +280,7 @@ class LlamaEngine(Engine):
 
     def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None, fused_decode: bool = False):
         """fused_decode: run ``decode`` as one native op (``torch.ops.hmt.decode_step``; float32 activations on
-        CPU, the native extension loaded); ``hmt_runtime.backend`` decides."""
+        CPU, the native extension loaded); ``hmt_runtime.incremental.backend`` decides."""
         inner = backbones.unwrap(backbone)
         body = backbones.decoder_body(backbone)
         config = inner.config
@@ -525,7 +527,7 @@ class HFEngine(Engine):
 
 
 def make_engine(model, rows: int, kind: str, ops=None, fused_decode: bool = False) -> Engine:
-    """The engine ``kind`` ("lean" | "transformers", chosen by ``hmt_runtime.backend.select_backend``) for
+    """The engine ``kind`` ("lean" | "transformers", chosen by ``hmt_runtime.incremental.backend.select_backend``) for
     ``model`` (an HMTModel) with ``rows`` rows of W = ``model.config.window`` positions."""
     window = model.config.window
     if kind == "lean":

@@ -1,6 +1,6 @@
 """The three HMT hot-path operations: their contract, and their torch reference implementations.
 
-This module is the bottom of the package (it imports nothing of it); ``hmt_runtime.backend`` picks a backend.
+This module is the bottom of the package (it imports nothing of it); ``hmt_runtime.incremental.backend`` picks a backend.
 
 Every backend (torch, Triton, native C++/CUDA) implements the same three functions with the same contract:
 
@@ -8,7 +8,7 @@ Every backend (torch, Triton, native C++/CUDA) implements the same three functio
     summary: (B, d) summary states S_n.  memory: (B, N, d) ring buffer of memory embeddings.
     keys: (B, N, d_h) cached keys (memory @ w_q-shaped W_k^T).  written: (B,) int64, memories written so far per
     row; the valid slots are the first ``min(written, N)``.  w_q: (d_h, d) (``nn.Linear.weight``).
-    Returns P: (B, d) = softmax(scale (S W_q^T)(K)^T) @ memory over valid slots (spec "Recall"); ``scale``
+    Returns P: (B, d) = softmax(scale (S W_q^T)(K)^T) @ memory over valid slots (spec "One segment", step 2); ``scale``
     None means 1 / sqrt(d_h) (``HMTConfig.recall_scale``: ``recall_scale_factor``).
     A row with no valid slot gets zeros (callers use M_init there).  ``out`` (B, d), if given, receives P
     (it may be a strided view, e.g. a row of an input-embedding buffer) and is returned.
@@ -100,7 +100,7 @@ def attention_with_kvcache_torch(q, k_new, v_new, k_cache, v_cache, cache_lens, 
 
 @dataclass(frozen=True)
 class Ops:
-    """One implementation of the three ops (torch, Triton or native), picked by ``hmt_runtime.backend``."""
+    """One implementation of the three ops (torch, Triton or native), picked by ``hmt_runtime.incremental.backend``."""
 
     name: str
     recall: Callable

@@ -7,17 +7,17 @@ Rows
     while one row is being worked on leaves the other rows untouched (the failing row is freed).
 
 Static state (allocated when the scheduler is built, never resized)
-    kv.keys[l], kv.values[l]: (rows, Hkv, W, D) per layer, owned by the engine (``hmt_runtime.engines``);
+    kv.keys[l], kv.values[l]: (rows, Hkv, W, D) per layer, owned by the engine (``hmt_runtime.incremental.engines``);
     kv.lens: (rows,) int64 on the device, the positions of the current segment each row holds (``kv.host_lens``
     mirrors it, so control flow never reads the device).
     state: ``MemoryState`` of ``rows`` sequences: ring buffers (rows, N, d) with cached keys (rows, N, d_h),
     sensory / segment / tail ids, the recalled P of the current segment.
     logits: (rows, V), the next-token logits of every row.
 
-One decode step and the events around it (the rules themselves are in ``hmt_runtime.segment``)
+One decode step and the events around it (the rules themselves are in ``hmt_runtime.core.segment``)
     decode   one token for every live row at once: row b writes its key/value at position ``lens[b]`` and
              attends to positions [0, lens[b]] (a per-row mask).  No host sync inside the step; on CUDA the step
-             is captured as a CUDA graph per batch bucket and replayed (``hmt_runtime.graphs``).
+             is captured as a CUDA graph per batch bucket and replayed (``hmt_runtime.incremental.graphs``).
     start    (per row) summary pass + recall -> P; empty the row's KV; prefill [P ; E(sensory)].  In causal mode
              it runs right after ``close`` (its query is the tail of the closed segment); in paper mode it waits
              for the segment's first token (a provisional query, spec "Generation").
@@ -26,23 +26,22 @@ One decode step and the events around it (the rules themselves are in ``hmt_runt
     close    (per row) at Ls tokens: feed the trailing P, write M_n to the ring buffer, carry the sensory ids and
              the tail to the next segment.
 
-Kernels, engine and CUDA graphs are chosen together by ``hmt_runtime.backend.select_backend``.
+Kernels, engine and CUDA graphs are chosen together by ``hmt_runtime.incremental.backend.select_backend``.
+
+Over 500 lines: the scheduler's rows, events and steps share its books.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from . import segment as rules
+from ..core import segment as rules
 from .backend import select_backend
 from .engines import make_engine
 from .graphs import CUDAGraphs
-from .memory import MemoryState
-
-if TYPE_CHECKING:
-    from .model import HMTModel
+from ..core.memory import MemoryState
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -81,7 +80,7 @@ class Scheduler:
             sched.step()
     """
 
-    def __init__(self, model: "HMTModel", rows: int = 1, engine: str = "auto", cuda_graphs="auto"):
+    def __init__(self, model, rows: int = 1, engine: str = "auto", cuda_graphs="auto"):
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows={rows!r}: expected an integer >= 1")
         self.model, self.cfg, self.rows = model, model.config, rows

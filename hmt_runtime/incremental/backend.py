@@ -2,7 +2,7 @@
 the static KV cache, and whether its steps are captured as CUDA graphs.
 
 ``select_backend(model, engine, cuda_graphs)`` decides all three together and is called once per scheduler
-(``HMTModel.ops()`` reuses the same kernel choice).  Resolving the kernels sets the backbone's attention
+(``HMTModel.prepare_ops()`` reuses the same kernel choice).  Resolving the kernels sets the backbone's attention
 implementation once (the registered attention of the Triton / native backend, which hands training and masked
 calls to sdpa by itself); nothing flips it afterwards.
 """
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbones import unwrap
+from ..core.backbones import unwrap
+from ..core.config import KERNEL_CHOICES
 from .engines import lean_unsupported_reason
-from .ops import TORCH_OPS, Ops
+from ..core.ops import TORCH_OPS, Ops
 
-KERNEL_CHOICES = ("auto", "torch", "triton", "native")
 ENGINE_CHOICES = ("auto", "lean", "transformers")
 
 
@@ -32,8 +32,8 @@ def triton_ops() -> Ops:
 
 
 def native_ops() -> Ops:
-    """The native C++ / CUDA backend (``hmt_runtime.native``); ImportError when the extension is not built."""
-    from . import native
+    """The native C++ / CUDA backend (``hmt_runtime.native.kernels``); ImportError when the extension is not built."""
+    from ..native import kernels as native
 
     return native.ops()
 

@@ -43,6 +43,9 @@ Memory states are safetensors files ``<id>.safetensors`` in one folder, written 
 on every use (which records its last use as the file's mtime), so several server processes can share the folder
 and a restarted server keeps its documents.  A creation whose client disconnects leaves no file; partial files of
 killed saves are removed at start and with every new memory.
+
+Over 500 lines: the protocol models, memory store, request loop and app share the request types and the
+error shape; splitting them into modules is the next cut (docs/layout.md).
 """
 from __future__ import annotations
 
@@ -71,12 +74,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import TopPLogitsWarper
 
-from .api import _TextPieces
-from .atomic import clean_partials
-from .checks import check_text
-from .config import SERVE_LIMITS
-from .memory import MemoryState
-from .scheduler import Scheduler
+from ..incremental.generation import _TextPieces
+from ..core.atomic import clean_partials
+from ..core.checks import check_text
+from ..core.config import SERVE_LIMITS
+from ..core.memory import MemoryState
+from ..incremental.scheduler import Scheduler
 
 log = logging.getLogger("hmt.serve")
 
@@ -459,7 +462,7 @@ class _Request:
         self.backlog_since = self.last_taken = 0.0
 
     def attach(self) -> None:
-        """Bind the event queue to the running event loop (call on that loop before ``Engine.submit``)."""
+        """Bind the event queue to the running event loop (call on that loop before ``RequestLoop.submit``)."""
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def push(self, events: list) -> None:
@@ -489,7 +492,7 @@ class _Request:
 class Metrics:
     """The server's Prometheus metrics, in their own registry."""
 
-    def __init__(self, engine: "Engine", store: MemoryStore):
+    def __init__(self, engine: "RequestLoop", store: MemoryStore):
         self.registry = registry = CollectorRegistry()
         Gauge("hmt_requests_running", "Requests with a sequence in a scheduler row (ingesting or generating)",
               registry=registry).set_function(lambda: engine.running_requests)
@@ -521,8 +524,8 @@ def _internal(what: str) -> APIError:
                          "requests were not affected", type="server_error", code="internal_error")
 
 
-class Engine:
-    """The engine loop: one thread owns ``Scheduler(model, rows)``.  ``submit`` queues a request (QueueFull when
+class RequestLoop:
+    """The request loop: one thread owns ``Scheduler(model, rows)``.  ``submit`` queues a request (QueueFull when
     ``max_queue`` requests already wait), ``cancel`` ends it (its rows are freed at the next turn), ``abort``
     ends every request.  Each turn: admissions into free rows, one piece of one input being read
     (``chunk_tokens`` ids at most; the inputs take turns), one decode step of the generating rows."""
@@ -945,7 +948,7 @@ class _Guard:
 
 
 class Server:
-    """The FastAPI app around an Engine and a MemoryStore (``Server(model, ...).app``).  Limits and access: see
+    """The FastAPI app around a RequestLoop and a MemoryStore (``Server(model, ...).app``).  Limits and access: see
     the module docstring (``allowed_hosts`` None: any Host; ``api_key`` None: no key; a limit None: none)."""
 
     def __init__(self, model, rows: int = 8, max_queue: int = 64, memory_dir="hmt-memories",
@@ -978,7 +981,7 @@ class Server:
         self.max_tokens_limit = max_tokens_limit or None
         self.created = int(time.time())
         self.store = MemoryStore(memory_dir, model, max_memories=max_memories)
-        self.engine = Engine(model, rows=rows, max_queue=max_queue, engine=engine, cuda_graphs=cuda_graphs,
+        self.engine = RequestLoop(model, rows=rows, max_queue=max_queue, engine=engine, cuda_graphs=cuda_graphs,
                              chunk_tokens=chunk_tokens, stall_seconds=stall_seconds)
         self.metrics = self.engine.metrics = Metrics(self.engine, self.store)
         eos = self.tokenizer.eos_token_id

@@ -1,0 +1,1 @@
+"""``hmt serve``: the HTTP server over the scheduler.  Stands on model and below."""

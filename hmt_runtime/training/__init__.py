@@ -1,0 +1,1 @@
+"""Training, evaluation, diagnosis, data and corpus building, retrieval task prompts.  Stands on model and below."""

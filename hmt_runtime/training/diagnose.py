@@ -1,0 +1,187 @@
+"""Why does (or doesn't) recall matter?  Measurements of one HMT model on one text (docs/training.md).
+
+    python -m hmt_runtime.diagnose data/austen/persuasion.txt --other data/austen/emma.txt --max-tokens 4096
+
+Reports, on the text's segments streamed one at a time (causal recall):
+- the recall weights: their entropy over the valid memory slots against the uniform distribution's log(n),
+  the largest weight, and the spread of the raw scores (S W_q)(C W_k)^T / sqrt(d_h) (/ d_h: recall_scale "linear");
+- the memory embeddings: their norm against the token embeddings' norm, the mean cosine similarity of the
+  memories of different segments, and how close the recalled P is to the newest memory M_{n-1};
+- whole-text perplexity with recall, without recall (P = M_{n-1}), with the recall weights replaced by the
+  uniform mean of the cache, with each segment's cache filled with the memories of another document, and with
+  P replaced by M_init (no memory content at all);
+- the gradient norms of one training step (``LastSegmentLoss`` on a window of ``--grad-segments`` segments)
+  reaching W_q, W_k, T, M_init, the LoRA adapter, and the memories of the unrolled segments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .data import tokenize_files
+from ..model.hmt import HMTModel
+
+VARIANTS = ("recall", "no-recall", "uniform", "foreign", "init-only")
+
+
+def _stream(model: HMTModel, ids: torch.Tensor, variant: str, foreign: list[torch.Tensor] | None = None,
+            stats: dict | None = None) -> float:
+    """NLL sum of ids (1, S) tokens 1..S-1 with the memory input chosen by ``variant``; fills ``stats``."""
+    cfg = model.config
+    memories: list[torch.Tensor] = []
+    sensory = None
+    total = 0.0
+    length = ids.shape[1]
+    for n, start in enumerate(range(0, length, cfg.segment_tokens)):
+        tokens = ids[:, start : start + cfg.segment_tokens]
+        if not memories or variant == "init-only":
+            recalled = model.memory_init.expand(1, -1)
+        elif variant == "no-recall":
+            recalled = memories[-1]
+        else:
+            cache = torch.stack(memories[-cfg.memory_slots :], dim=1)
+            if variant == "foreign":
+                cache = torch.stack(foreign[: cache.shape[1]], dim=1)
+            summary = model.summarize(ids[:, start - cfg.summary_tokens : start])
+            query = model.recall.w_q(summary)
+            keys = model.recall.w_k(cache)
+            scores = torch.einsum("bh,bnh->bn", query, keys)
+            scale = model.recall_scale  # None: 1 / sqrt(d_h)
+            scores = scores / math.sqrt(keys.shape[-1]) if scale is None else scores * scale
+            weights = torch.softmax(scores.float(), dim=-1)
+            if variant == "uniform":
+                weights = torch.full_like(weights, 1.0 / weights.shape[1])
+            recalled = torch.einsum("bn,bnd->bd", weights.to(cache.dtype), cache)
+            if stats is not None and variant == "recall" and cache.shape[1] > 1:
+                p = weights[0].double()
+                stats.setdefault("entropy", []).append(float(-(p * p.clamp_min(1e-30).log()).sum()))
+                stats.setdefault("log_n", []).append(math.log(p.numel()))
+                stats.setdefault("max_weight", []).append(float(p.max()))
+                stats.setdefault("score_std", []).append(float(scores.float().std()))
+                stats.setdefault("p_vs_newest_cos", []).append(
+                    float(F.cosine_similarity(recalled.float(), memories[-1].float())[0]))
+        hidden = model.run_backbone(model.segment_embeddings(recalled, sensory, tokens))
+        n_sensory = 0 if sensory is None else sensory.shape[1]
+        out = hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]]
+        logits = model.lm_logits(out.float())[0]
+        targets = ids[0, start + 1 : start + 1 + tokens.shape[1]]
+        total += float(F.cross_entropy(logits[: targets.numel()].double(), targets, reduction="sum"))
+        memories.append(hidden[:, -1])
+        if cfg.sensory_tokens:
+            sensory = tokens[:, -cfg.sensory_tokens :]
+    if stats is not None and variant == "recall":
+        stats["memories"] = torch.cat(memories).float()
+    return total
+
+
+def _memory_stats(model: HMTModel, memories: torch.Tensor) -> dict:
+    """memories (n, d) -> norms and pairwise cosine similarity of different segments' memories."""
+    emb = model.embed(torch.arange(0, 4096, device=model.device)[None])[0].float()
+    unit = F.normalize(memories, dim=-1)
+    cos = unit @ unit.T
+    off = cos[~torch.eye(cos.shape[0], dtype=torch.bool)]
+    centred = F.normalize(memories - memories.mean(0, keepdim=True), dim=-1)
+    ccos = (centred @ centred.T)[~torch.eye(cos.shape[0], dtype=torch.bool)]
+    return {
+        "memory_norm_mean": float(memories.norm(dim=-1).mean()),
+        "token_embedding_norm_mean": float(emb.norm(dim=-1).mean()),
+        "memory_init_norm": float(model.memory_init.float().norm()),
+        "memory_pairwise_cos_mean": float(off.mean()),
+        "memory_pairwise_cos_min": float(off.min()),
+        "memory_centred_cos_mean": float(ccos.mean()),
+        "memory_centred_norm_ratio": float((memories - memories.mean(0)).norm(dim=-1).mean()
+                                           / memories.norm(dim=-1).mean()),
+    }
+
+
+def gradient_norms(model: HMTModel, ids: torch.Tensor) -> dict:
+    """Gradient norms of one last-segment training loss on ids (B, S) with recall on."""
+    from .train import LastSegmentLoss
+
+    memories = []
+    original = model.iter_segments
+
+    def recording(input_ids, use_recall=True):
+        for start, hidden, memory in original(input_ids, use_recall=use_recall):
+            memory.retain_grad()
+            memories.append(memory)
+            yield start, hidden, memory
+
+    model.iter_segments = recording
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = LastSegmentLoss(model)(ids, True)
+            loss.backward()
+    finally:
+        del model.iter_segments
+    out = {"loss": float(loss)}
+    for name, param in (("w_q", model.recall.w_q.weight), ("w_k", model.recall.w_k.weight),
+                        ("summary_prompt", model.summary_prompt), ("memory_init", model.memory_init)):
+        out[f"grad_{name}"] = float(param.grad.norm()) if param.grad is not None else 0.0
+        out[f"param_{name}"] = float(param.detach().norm())
+    lora = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+    out["grad_lora"] = float(torch.stack([g.norm() for g in lora]).norm()) if lora else 0.0
+    out["grad_memories"] = [float(m.grad.norm()) if m.grad is not None else 0.0 for m in memories]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def diagnose(model: HMTModel, ids: torch.Tensor, other: torch.Tensor, grad_segments: int = 4) -> dict:
+    """All measurements on ids (1, S) with the foreign memories taken from other (1, S')."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    result: dict = {"tokens": int(ids.shape[1] - 1), "segments": math.ceil(ids.shape[1] / model.config.segment_tokens)}
+    with torch.no_grad():
+        stats: dict = {}
+        foreign_stats: dict = {}
+        _stream(model, other, "recall", stats=foreign_stats)
+        foreign = [m[None] for m in foreign_stats["memories"].to(model.dtype)]
+        for variant in VARIANTS:
+            nll = _stream(model, ids, variant, foreign=foreign, stats=stats)
+            result[f"ppl_{variant}"] = math.exp(nll / (ids.shape[1] - 1))
+        result.update(_memory_stats(model, stats.pop("memories")))
+        for key, values in stats.items():
+            result[f"{key}_mean"] = sum(values) / len(values)
+        result["entropy_over_log_n"] = sum(e / l for e, l in zip(stats["entropy"], stats["log_n"])) / len(stats["entropy"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("summary_prompt", "memory_init", "recall")) or "lora_" in name)
+    length = grad_segments * model.config.segment_tokens
+    result["gradients"] = gradient_norms(model, ids[:, :length])
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hmt_runtime.diagnose", description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", help="the text to measure on")
+    parser.add_argument("--other", required=True, help="another document (its memories replace this one's)")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--grad-segments", type=int, default=4)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = HMTModel.from_pretrained(args.model, kernels="torch")
+    ids = tokenize_files([args.data], model.tokenizer)[0][None, : args.max_tokens]
+    other = tokenize_files([args.other], model.tokenizer)[0][None, : args.max_tokens]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        result = diagnose(model, ids, other, args.grad_segments)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
