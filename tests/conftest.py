@@ -2,6 +2,7 @@
 # Must happen before any module that imports triton kernels is imported (Triton reads it at decoration time).
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -31,7 +32,15 @@ def pytest_collection_modifyitems(config, items):
     slow = [item for item in items if item.get_closest_marker("slow") is not None]
     reason = _default_backbone_missing() if slow else None
     if reason is not None:
-        import pytest
-
         for item in slow:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on one torch thread: fastest for them, and undisturbed on a busy machine, where a second thread
+    waits for a core at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,7 +2,6 @@
 more segments earlier, through the training objective (``LastSegmentLoss`` with ``prompt_end`` and answer
 labels), with recall at the end of the prompt.  It separates "the semantics or the training path cannot" from
 "a real backbone needs more": if this fails, retrieval cannot be learnt at any scale."""
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -42,15 +41,6 @@ def accuracy(model, gen, segments, size=256):
     ids, prompt_end, labels = batch(gen, size, segments)
     logits = model(ids, prompt_end=prompt_end).logits[:, -2]
     return float((logits.argmax(-1) == labels[:, -1]).float().mean())
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny ops on one thread: on a busy machine a second thread waits for a core at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_hmt_learns_to_recall_a_key_from_far_segments(one_thread):

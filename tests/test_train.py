@@ -244,15 +244,6 @@ def accuracy(logits, ids):
     return float((logits[:, -2].argmax(-1) == ids[:, -1]).double().mean())
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest, and undisturbed by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_memory_solves_a_task_two_segments_back_where_plain_windows_cannot(tmp_path, one_thread):
     test = copy_task(256, seed=1)
     model = train(tiny_config(tmp_path, mode="full", stage1_steps=0, stage2_steps=500, stage2_segments=3,

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import staged_file
+from .atomic import path_text, staged_file
 from .checks import checksum_metadata, verify_checksums
 from .config import SAVED_DEFAULTS
 
@@ -174,11 +174,7 @@ class MemoryState:
         HMTConfig it was made for; ``metadata``: more string entries for the file's header.  Only the ring
         buffer slots written so far are stored (a short document makes a small file); ``load`` restores the
         empty ones."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path={path!r}: expected a file path (str or os.PathLike)")
-        path = os.fspath(path)
-        if not str(path).strip():
-            raise ValueError(f"path={path!r}: expected a file path, got an empty string")
+        path = path_text(path, "path", "a file path")
         if os.path.isdir(path):
             raise IsADirectoryError(f"path={path!r} is a folder; expected a file path for the memory state")
         folder = os.path.dirname(os.path.abspath(path))
@@ -203,11 +199,7 @@ class MemoryState:
         """Read a state written by ``save`` and ``validate`` it (with ``config``, ``width`` and ``vocab_size``
         when given: the sizes of the model it will be used with; a state saved with another HMT config is
         refused).  Raises FileNotFoundError, IsADirectoryError or ValueError naming the file and the field."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path={path!r}: expected a file path (str or os.PathLike)")
-        path = os.fspath(path)
-        if not str(path).strip():
-            raise ValueError(f"path={path!r}: expected a file path, got an empty string")
+        path = path_text(path, "path", "a file path")
         if os.path.isdir(path):
             raise IsADirectoryError(f"MemoryState.load({path!r}): is a folder; expected a file written by "
                                     "MemoryState.save")
