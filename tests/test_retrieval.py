@@ -95,3 +95,19 @@ def test_benchmark_scores_hmt_through_generate_as_the_forward_would(prompt_recal
 def test_a_prompt_too_short_for_its_gap_is_refused():
     with pytest.raises(ValueError, match="length=50: too short"):
         retrieval.build(TOK, "facts", 50, 0.5, random.Random(0), "valid", prose(), gap=40)
+
+
+def test_the_answer_loss_reads_labels_wherever_they_fall():
+    """Labels that end the prompt's segment and spill into the next one are all scored (the loss is finite and
+    equals the cross-entropy of the forward's logits at those positions)."""
+    from hmt_runtime.training.train import LastSegmentLoss
+
+    model = make_model("llama", "causal", seed=1, prompt_recall=True)
+    ids = torch.randint(0, 97, (2, 3 * 9 + 4), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2 * 9 + 7 : 2 * 9 + 11] = ids[:, 2 * 9 + 7 : 2 * 9 + 11]  # two ids in segment 2, two in segment 3
+    with torch.no_grad():
+        loss = LastSegmentLoss(model)(ids, use_recall=True, prompt_end=torch.tensor([25, 25]), labels=labels)
+        logits = model(ids, prompt_end=25).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, 24:28].reshape(-1, 97), ids[:, 25:29].reshape(-1))
+    assert torch.isfinite(loss) and torch.allclose(loss, expected, rtol=0, atol=1e-10)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 TASKS = ("passkey", "needle", "facts")
+ANSWER_ROOM = 16  # training prompts end at least this many ids before their last segment's end
 SPLITS = ("train", "valid")
 
 _FILLERS = {
@@ -235,7 +236,8 @@ def training_batch(tokenizer, prose: list[torch.Tensor], batch: int, cfg, segmen
     if segments < 2:
         raise ValueError(f"segments={segments}: expected >= 2 (the needle's segment and the question's)")
     ls, k = cfg.segment_tokens, cfg.sensory_tokens
-    tail = rng.randint(min(24, ls - 1), ls - 1)
+    low = min(24, ls - 1)
+    tail = rng.randint(low, max(low, ls - ANSWER_ROOM))  # the answer usually ends in the same segment
     length = (segments - 1) * ls + tail
     rows = [build(tokenizer, rng.choice(tasks), length, rng.random(), rng, "train", prose, gap=tail + k + 2)
             for _ in range(batch)]

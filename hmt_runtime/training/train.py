@@ -294,8 +294,14 @@ class LastSegmentLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, use_recall: bool, teacher=None, distill_weight: float = 0.0,
                 parts: dict | None = None, prompt_end=None, labels=None) -> torch.Tensor:
         kept: list[tuple[int, torch.Tensor]] = []
+        # with labels (answers), every segment from the one predicting the first scored label
+        scored = None if labels is None else (labels != -100).any(dim=0).nonzero()
+        since = None if scored is None or not scored.numel() else int(scored[0]) - 1
         for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall, prompt_end=prompt_end):
-            if self.loss_on == "last_segment":
+            if since is not None:
+                if start + hidden.shape[1] > since:
+                    kept.append((start, hidden))
+            elif self.loss_on == "last_segment":
                 kept = [(start, hidden)]
             elif start > 0 or input_ids.shape[1] <= self.model.config.segment_tokens:
                 kept.append((start, hidden))
