@@ -16,33 +16,11 @@ import httpx
 import pytest
 import torch
 
-from test_server import NAME, ServerProcess, offline, tiny_model
+from test_server import NAME, ServerProcess, checkpoint, model, offline, one_thread, tiny_model  # noqa: F401 (fixtures)
 from tiny import VOCAB
 
 KEY = "sk-test-0123456789"
 LONG = 100_000  # tokens of the long prompt (the tiny model reads ~5-10k tokens/s on one busy core)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from hmt_runtime import HMTModel
-
-    folder = tmp_path_factory.mktemp("tiny-ckpt") / "tiny-hmt"
-    tiny_model().save_pretrained(folder, save_backbone=True)
-    return folder, HMTModel.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return checkpoint[1]
 
 
 @pytest.fixture(scope="module")
