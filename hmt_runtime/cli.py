@@ -177,7 +177,7 @@ def memory_budget(model) -> dict:
     kv = 2 * layers * heads * head_dim * model.config.window * item
     ring = model.config.memory_slots * (model.width + model.config.recall_dim) * item
     params = sum(p.numel() for p in model.backbone.parameters()) * item
-    hmt = sum(p.numel() for p in (model.summary_prompt, model.memory_init, *model.recall.parameters())) * item
+    hmt = sum(p.numel() for p in model.hmt_state_dict().values()) * item
     return {"kv_cache": kv, "memory_ring": ring, "backbone_weights": params, "hmt_parameters": hmt}
 
 

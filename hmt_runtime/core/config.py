@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from .ops import RECALL_SCALES
 
 RECALL_MODES = ("paper", "causal")
+MEMORY_SCALES = ("hidden", "input")
 DEFAULT_RECALL = "paper"  # HMTConfig.recall, and `hmt generate|serve --recall` for a fresh HMT
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")  # which kernels run the HMT ops (HMTConfig.kernels)
 # Fields added after the first checkpoints, and the value a config saved without them means.
-SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False}
+SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False, "memory_scale": "hidden"}
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -39,6 +40,10 @@ class HMTConfig:
         (docs/spec.md "Recall at the end of a prompt"), so that a question closing a prompt steers recall.
         False (the paper's rule, and that of checkpoints that do not record the field) leaves every segment's
         query to the recall mode.
+    memory_scale: "hidden" (M_n is the final hidden state at the trailing P, the paper's rule, and that of
+        checkpoints that do not record the field) or "input" (M_n is that state RMS-normalised and multiplied by a
+        learned gain ``memory_gain`` (d,) that starts at the token embeddings' RMS, so that memories enter the
+        backbone at the scale of the tokens beside them: docs/spec.md "Memory at the input scale").
     """
 
     segment_tokens: int = 222
@@ -50,6 +55,7 @@ class HMTConfig:
     kernels: str = "auto"
     recall_scale: str = "sqrt"
     prompt_recall: bool = False
+    memory_scale: str = "hidden"
     window: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +83,8 @@ class HMTConfig:
             raise ValueError(f"kernels={self.kernels!r}: expected one of {KERNEL_CHOICES}")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
+        if self.memory_scale not in MEMORY_SCALES:
+            raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES}")
         self.window = self.segment_tokens + self.sensory_tokens + 2
 
     @classmethod
@@ -125,6 +133,7 @@ class HMTConfig:
             f"recall mode {self.recall!r}"
             + (f", scores / d_h (recall_scale {self.recall_scale!r})" if self.recall_scale != "sqrt" else "")
             + ("; recall at the end of a prompt" if self.prompt_recall else "")
+            + ("; memories at the input scale" if self.memory_scale == "input" else "")
             + f"; kernels {self.kernels!r}"
         )
 

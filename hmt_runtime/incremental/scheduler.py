@@ -301,6 +301,7 @@ class Scheduler:
         h, cfg, st = self.host[row], self.cfg, self.state
         if memory is None:
             memory = self.engine.prefill(row, st.recalled[row : row + 1, None, :], self.kv.host_lens[row])[:, -1]
+        memory = self.model.memory_embedding(memory)
         self.ops.memory_write(memory, self.model.recall.w_k.weight, st.memory[row : row + 1],
                               st.keys[row : row + 1], st.written[row : row + 1])
         sensory, tail = rules.carried(cfg, st.segment_ids[row : row + 1])

@@ -31,7 +31,7 @@ from .loading import load_backbone
 from ..core.atomic import staged_dir
 from ..core.checks import check_finite, check_input_ids, checksum_metadata, verify_checksums
 from ..incremental.backend import model_ops
-from ..core.config import HMTConfig
+from ..core.config import MEMORY_SCALES, HMTConfig
 from ..core.ops import TORCH_OPS, Ops, recall_scale_factor
 
 CONFIG_NAME = "hmt_config.json"
@@ -40,6 +40,7 @@ ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 FORMAT = "hmt-checkpoint"
 CHECKPOINT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BACKBONE_DIR)  # what a checkpoint folder holds
+MEMORY_EPS = 1e-6  # the RMS normalisation of memory_scale="input"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
@@ -122,7 +123,8 @@ class HMTModel(nn.Module):
     """Hierarchical Memory Transformer around ``backbone`` (any transformers causal LM).
 
     Attributes: ``summary_prompt`` T (1, d), ``memory_init`` M_init (1, d), ``recall.w_q`` / ``recall.w_k``
-    (nn.Linear(d, d_h, bias=False)), ``backbone``, ``config`` (HMTConfig), ``tokenizer`` (or None).
+    (nn.Linear(d, d_h, bias=False)), ``memory_gain`` (1, d) with ``config.memory_scale="input"`` (else None),
+    ``backbone``, ``config`` (HMTConfig), ``tokenizer`` (or None).
     """
 
     def __init__(self, backbone: nn.Module, config: HMTConfig, tokenizer=None):
@@ -143,6 +145,8 @@ class HMTModel(nn.Module):
         self.summary_prompt = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
         self.memory_init = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
         self.recall = Recall(width, config.recall_dim).to(device=device, dtype=dtype)
+        self.memory_gain = None
+        self.set_memory_scale(config.memory_scale)
         # the backbone's own attention (restored for the torch ops) and the ops resolved per (device, kernels)
         self.base_attn_implementation = getattr(inner.config, "_attn_implementation", None)
         self.resolved_ops: dict[tuple[str, str], Ops] = {}
@@ -179,6 +183,29 @@ class HMTModel(nn.Module):
             vector = self.embed(torch.tensor([[token_id]], device=self.device))[0]
             self.summary_prompt.copy_(vector)
             self.memory_init.copy_(vector)
+
+    def set_memory_scale(self, memory_scale: str) -> None:
+        """Switch ``config.memory_scale``; "input" gives the model a ``memory_gain`` (1, d) that starts at the RMS
+        of the token embeddings (kept if it has one), "hidden" removes it."""
+        if memory_scale not in MEMORY_SCALES:
+            raise ValueError(f"memory_scale={memory_scale!r}: expected one of {MEMORY_SCALES}")
+        self.config.memory_scale = memory_scale
+        if memory_scale == "hidden":
+            self.memory_gain = None
+        elif self.memory_gain is None:
+            embeddings = backbones.unwrap(self.backbone).get_input_embeddings().weight.detach()
+            rms = float(embeddings.float().pow(2).mean().sqrt())
+            self.memory_gain = nn.Parameter(torch.full((1, self.width), rms, dtype=self.dtype, device=self.device))
+
+    def memory_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
+        """M_n from the final hidden state at a segment's trailing P: hidden (B, d) -> (B, d) (spec step 4;
+        with ``memory_scale="input"``, RMS-normalised in float32 or wider and multiplied by ``memory_gain``)."""
+        if self.memory_gain is None:
+            return hidden
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        h = hidden.to(dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + MEMORY_EPS)
+        return (h * self.memory_gain.to(dtype)).to(hidden.dtype)
 
     # ----------------------------------------------------------------------------------------- backend
     def prepare_ops(self) -> Ops:
@@ -278,7 +305,7 @@ class HMTModel(nn.Module):
                 recalled = self.recall_memory(summary, cache, keys, written, ops)
             hidden = self.run_backbone(self.segment_embeddings(recalled, sensory, tokens))
             n_sensory = 0 if sensory is None else sensory.shape[1]
-            memory = hidden[:, -1]
+            memory = self.memory_embedding(hidden[:, -1])
             memories.append(memory)
             yield start, hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]], memory
             sensory, tail = segment.carried(cfg, tokens)
@@ -370,12 +397,19 @@ class HMTModel(nn.Module):
                             streamer=streamer, state=state, return_state=return_state, progress=progress)
 
     # ----------------------------------------------------------------------------------------- checkpoints
+    def hmt_parameters(self) -> list[nn.Parameter]:
+        """The HMT parameters (T, M_init, W_q, W_k and, when present, the memory gain): what ``hmt_state_dict``
+        saves."""
+        gain = [self.memory_gain] if self.memory_gain is not None else []
+        return [self.summary_prompt, self.memory_init, *self.recall.parameters(), *gain]
+
     def hmt_state_dict(self) -> dict[str, torch.Tensor]:
         return {
             "summary_prompt": self.summary_prompt.detach(),
             "memory_init": self.memory_init.detach(),
             "recall.w_q.weight": self.recall.w_q.weight.detach(),
             "recall.w_k.weight": self.recall.w_k.weight.detach(),
+            **({"memory_gain": self.memory_gain.detach()} if self.memory_gain is not None else {}),
         }
 
     def backbone_identity(self) -> dict:

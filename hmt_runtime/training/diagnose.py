@@ -71,7 +71,7 @@ def _stream(model: HMTModel, ids: torch.Tensor, variant: str, foreign: list[torc
         logits = model.lm_logits(out.float())[0]
         targets = ids[0, start + 1 : start + 1 + tokens.shape[1]]
         total += float(F.cross_entropy(logits[: targets.numel()].double(), targets, reduction="sum"))
-        memories.append(hidden[:, -1])
+        memories.append(model.memory_embedding(hidden[:, -1]))
         if cfg.sensory_tokens:
             sensory = tokens[:, -cfg.sensory_tokens :]
     if stats is not None and variant == "recall":
@@ -151,7 +151,7 @@ def diagnose(model: HMTModel, ids: torch.Tensor, other: torch.Tensor, grad_segme
             result[f"{key}_mean"] = sum(values) / len(values)
         result["entropy_over_log_n"] = sum(e / l for e, l in zip(stats["entropy"], stats["log_n"])) / len(stats["entropy"])
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(("summary_prompt", "memory_init", "recall")) or "lora_" in name)
+        p.requires_grad_(name.startswith(("summary_prompt", "memory_init", "memory_gain", "recall")) or "lora_" in name)
     length = grad_segments * model.config.segment_tokens
     result["gradients"] = gradient_norms(model, ids[:, :length])
     return result

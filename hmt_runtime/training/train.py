@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core import backbones
 from . import retrieval
-from ..core.config import SAVED_DEFAULTS, HMTConfig
+from ..core.config import MEMORY_SCALES, SAVED_DEFAULTS, HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
 from ..core.atomic import recover, staged_dir
 from ..model.hmt import HMTModel, shifted_cross_entropy
@@ -82,6 +82,9 @@ class TrainConfig:
     and the saved weights are unchanged (a constraint on training, not a change of the model).
     prompt_recall: the HMT config's rule (docs/spec.md "Recall at the end of a prompt"); a run started from a
     checkpoint sets it on that checkpoint's config.
+    memory_scale: the HMT config's ``memory_scale`` ("hidden" or "input", docs/spec.md "Memory at the input
+    scale"); None keeps a checkpoint's own (``init_from``) and means "hidden" for a new model.  A run that sets
+    "input" on a "hidden" checkpoint starts the memory gain at the token embeddings' RMS.
     retrieval_every: every n-th step of stage 2 is a batch of retrieval prompts (``hmt_runtime.training.retrieval``,
     ``split="train"``: a needle in segment-long haystacks of the training text, the question at the end, the
     loss on the answer only), the others language modelling (0: never).  retrieval_segments: such a prompt
@@ -127,6 +130,7 @@ class TrainConfig:
     recall_max_norm: float | None = None
     lora_targets: str = "attention"
     prompt_recall: bool = False
+    memory_scale: str | None = None
     retrieval_every: int = 0
     retrieval_segments: int = 3
     retrieval_tasks: list[str] = field(default_factory=lambda: list(retrieval.TASKS))
@@ -164,6 +168,8 @@ class TrainConfig:
             raise ValueError(f"retrieval_tasks={self.retrieval_tasks!r}: expected one or more of {retrieval.TASKS}")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
+        if self.memory_scale is not None and self.memory_scale not in MEMORY_SCALES:
+            raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES} or None")
         if not self.hmt_lr_scale > 0:
             raise ValueError(f"hmt_lr_scale={self.hmt_lr_scale!r}: expected a number > 0")
         if not self.grad_clip >= 0:
@@ -178,7 +184,7 @@ class TrainConfig:
     def hmt_config(self) -> HMTConfig:
         return HMTConfig.from_window(self.window, sensory_tokens=self.sensory_tokens, memory_slots=self.memory_slots,
                                      recall_dim=self.recall_dim, recall=self.recall, kernels="auto",
-                                     prompt_recall=self.prompt_recall)
+                                     prompt_recall=self.prompt_recall, memory_scale=self.memory_scale or "hidden")
 
 
 # --------------------------------------------------------------------------------------------- model set-up
@@ -196,7 +202,7 @@ def apply_mode(model: HMTModel, mode: str, lora_rank: int = 8, lora_targets: str
         _ensure_lora(model, lora_rank, lora_targets)
     for name, param in model.backbone.named_parameters():
         param.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
-    for param in (model.summary_prompt, model.memory_init, *model.recall.parameters()):
+    for param in model.hmt_parameters():
         param.requires_grad_(True)
     return model
 
@@ -242,11 +248,13 @@ def build_model(config: TrainConfig) -> HMTModel:
         ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
         # recall_scale has no training option: the checkpoint's own is kept; prompt_recall is this run's
         diff = {k: (theirs.get(k), v) for k, v in ours.items()
-                if k not in ("kernels", "recall_scale", "prompt_recall") and theirs.get(k) != v}
+                if k not in ("kernels", "recall_scale", "prompt_recall", "memory_scale") and theirs.get(k) != v}
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
         model.config.prompt_recall = config.prompt_recall
+        if config.memory_scale is not None:
+            model.set_memory_scale(config.memory_scale)
         return apply_mode(model, config.mode, config.lora_rank, config.lora_targets)
     backbone, tokenizer = load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
@@ -760,6 +768,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="projections the LoRA adapter covers (default %(default)s)")
     parser.add_argument("--prompt-recall", action="store_true",
                         help="the segment in which a prompt ends recalls with the prompt's last j ids")
+    parser.add_argument("--memory-scale", choices=MEMORY_SCALES, default=None,
+                        help="memories as final hidden states ('hidden') or RMS-normalised to the token scale "
+                             "('input'); default: the --init-from checkpoint's, else 'hidden'")
     parser.add_argument("--retrieval-every", type=int, default=d.retrieval_every, metavar="N",
                         help="every N-th stage-2 step is a batch of retrieval prompts (0 = never)")
     parser.add_argument("--retrieval-segments", type=int, default=d.retrieval_segments,

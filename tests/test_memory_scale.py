@@ -1,0 +1,121 @@
+"""Memory at the input scale (HMTConfig.memory_scale="input", docs/spec.md): the forward's memories are the
+RMS-normalised final hidden states times the gain, generation equals the forward on every engine, and checkpoints
+and memory states record the rule."""
+import pytest
+import torch
+
+from hmt_runtime import HMTConfig, HMTModel, MemoryState, generate, ingest
+from hmt_runtime.incremental.scheduler import Scheduler
+from hmt_runtime.training.train import TrainConfig, train
+from helpers import SEGMENT, VOCAB, forward_greedy, make_model, mixed_prompts
+from tiny import tiny_backbone
+
+
+def input_scale_model(family="llama", recall="causal", seed=3, **kw):
+    model = make_model(family, recall, seed=seed, memory_scale="input", **kw)
+    with torch.no_grad():  # a gain that is not one number, so that a missed or doubled rescale shows
+        model.memory_gain.uniform_(0.5, 3.0, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_memories_are_rms_normalised_hidden_states_times_the_gain():
+    hidden, scaled = make_model("llama", seed=3), input_scale_model(seed=3)
+    with torch.no_grad():
+        scaled.load_state_dict({k: v for k, v in hidden.state_dict().items()}, strict=False)
+        ids = torch.randint(0, VOCAB, (2, 3 * SEGMENT + 1), generator=torch.Generator().manual_seed(0))
+        raw = hidden(ids).memories  # the first segment's memory is computed the same way in both
+        out = scaled(ids).memories
+    first = raw[:, 0].double()
+    expected = first / first.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * scaled.memory_gain[0].double()
+    assert torch.allclose(out[:, 0], expected, rtol=1e-12, atol=1e-12)
+    rms = out.pow(2).mean(-1).sqrt()
+    assert float(rms.max()) < 3.0 and float(raw.pow(2).mean(-1).sqrt().min()) > 0  # scale changed, rule not vacuous
+    assert not torch.allclose(out[:, 1:], raw[:, 1:])  # later segments read the rescaled memories
+    # a fresh gain starts at the token embeddings' RMS
+    fresh = make_model("llama", seed=3, memory_scale="input")
+    emb = fresh.embed(torch.arange(VOCAB)[None])[0]
+    assert torch.allclose(fresh.memory_gain, emb.pow(2).mean().sqrt().expand_as(fresh.memory_gain))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # the lean engine and the transformers engine
+def test_generation_equals_the_forward(family):
+    model = input_scale_model(family)
+    new = 2 * SEGMENT + 3
+    out = generate(model, mixed_prompts(), max_new_tokens=new)
+    for prompt, tokens in zip(mixed_prompts(), out):
+        assert tokens == forward_greedy(model, prompt, new)
+
+
+@pytest.mark.parametrize("recall", ["causal", "paper"])
+def test_scheduler_logits_equal_the_forward_with_prompt_recall(recall):
+    model = input_scale_model("llama", recall, prompt_recall=True)
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, VOCAB, (3 * SEGMENT + 2,), generator=gen)
+    more = torch.randint(0, VOCAB, (SEGMENT + 3,), generator=gen)
+    ids = torch.cat([prompt, more])
+    with torch.no_grad():
+        expected = model(ids[None], prompt_end=len(prompt)).logits[0]
+    sched = Scheduler(model, rows=1)
+    row = sched.add(prompt)
+    first_later = (len(prompt) // SEGMENT + 1) * SEGMENT
+    for i in range(len(prompt), ids.shape[0]):
+        if recall == "causal" or i <= first_later or (i - 1) % SEGMENT >= 3:
+            assert torch.allclose(sched.logits[row], expected[i - 1], rtol=0, atol=1e-9), i
+        sched.tokens[row] = ids[i]
+        sched.step()
+
+
+def test_checkpoints_and_memory_states_record_the_rule(tmp_path):
+    model = input_scale_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone("llama", 3)).double().eval()
+    assert loaded.config.memory_scale == "input"
+    assert torch.equal(loaded.memory_gain, model.memory_gain)
+    ids = torch.tensor([mixed_prompts()[-1]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # an older config without the field means the paper's rule
+    old = model.config.to_dict()
+    del old["memory_scale"]
+    assert HMTConfig.from_dict(old).memory_scale == "hidden"
+    with pytest.raises(ValueError, match="memory_scale='rms'"):
+        HMTConfig(memory_scale="rms")
+    # a memory state made under one rule is refused by a model of the other
+    state, _ = ingest(model, ids)
+    state.save(tmp_path / "state.safetensors", config=model.config)
+    plain = make_model("llama", seed=3)
+    with pytest.raises(ValueError, match="memory_scale"):
+        MemoryState.load(tmp_path / "state.safetensors", config=plain.config)
+    # hmt.safetensors of the other rule does not load silently
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="memory_gain"):
+        model.load_hmt_weights(tmp_path / "plain")
+
+
+def test_training_switches_a_hidden_checkpoint_to_the_input_scale(tmp_path):
+    make_model("llama", seed=0).save_pretrained(tmp_path / "start")
+    from hmt_runtime.training import train as train_module
+
+    base = dict(window=SEGMENT + 3 + 2, sensory_tokens=3, memory_slots=3, recall_dim=16, stage1_steps=0,
+                stage2_steps=2, stage2_segments=3, batch_size=2, lr=1e-2, checkpoint_every=1, seed=5, mode="frozen",
+                recall="causal")
+    original = train_module.HMTModel.from_pretrained
+
+    def from_pretrained(path, **kw):  # the tiny backbone stands in for the checkpoint's
+        return original(path, backbone=tiny_backbone("llama", 0), **kw)
+
+    train_module.HMTModel.from_pretrained = from_pretrained
+    try:
+        gen = torch.Generator().manual_seed(0)
+        docs = torch.randint(0, VOCAB, (3, 4 * SEGMENT), generator=gen)
+        cfg = TrainConfig(output_dir=str(tmp_path / "run"), init_from=str(tmp_path / "start"),
+                          memory_scale="input", **base)
+        model = train(cfg, corpus=docs, progress=False)
+    finally:
+        train_module.HMTModel.from_pretrained = original
+    assert model.config.memory_scale == "input"
+    assert model.memory_gain is not None and model.memory_gain.requires_grad
+    saved = HMTModel.read_checkpoint_config(tmp_path / "run" / "final")
+    assert saved["hmt"]["memory_scale"] == "input"
+    with pytest.raises(ValueError, match="memory_scale='big'"):
+        TrainConfig(output_dir=str(tmp_path / "x"), memory_scale="big")
