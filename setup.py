@@ -34,7 +34,8 @@ def warn(message: str) -> None:
 # Each is compiled from the same file with its own flags, and hmt_runtime._C picks one at run time for the CPU it
 # runs on (HMT_ISA=avx512|avx2|scalar overrides that); a build whose flags the compiler rejects is left out.
 LINEAR_ISA_BUILDS = (
-    ("avx512", 16, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]),
+    ("avx512", 16, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
+                    "-mf16c"]),
     ("avx2", 8, ["-mavx2", "-mfma", "-mf16c"]),
     ("scalar", 4, []),  # the compiler's default target: always built
 )

@@ -22,6 +22,9 @@ Systems:
   new token, decode = tokens per second between the first and the last new token.
 * ``hmt-base``: the same HMT over the adapter-free backbone (``load_backbone(weights=fmt)``; untrained HMT
   parameters, which do not change speed): the lean engine where it applies (fp32), else the transformers engine.
+* ``hmt-batch8``: the shipped default with 8 prompts (consecutive slices of the corpus) decoded together by one
+  scheduler, as ``hmt serve`` batches requests; decode tok/s counts every row's tokens (ingest: the 8 prompts'
+  tokens over the time to read them all).
 * ``transformers``: ``generate`` on the fp32 backbone with its DynamicCache, timed like ``hmt``.
 
 Writes ``<out>.json`` (every measurement, with the machine and versions) and ``<out>.md`` (the table); --out
@@ -42,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FORMATS = ("fp32", "bf16", "int8", "q4")
-SYSTEMS = ("llama.cpp", "hmt", "hmt-base", "transformers")
+FORMATS = ("fp32", "bf16", "int8", "q4", "q4-exact")  # q4-exact: q4 with HMT_INT_DOT=0 (float32-exact kernels)
+SYSTEMS = ("llama.cpp", "hmt", "hmt-batch8", "hmt-base", "transformers")
+BATCH_ROWS = 8
 CONTEXTS = (256, 2048, 8128)
 # SmolLM2-135M's weight matrices (N, K) and how many of each one decode step reads
 SMOLLM2_SHAPES = ((576, 576, 60), (192, 576, 60), (1536, 576, 60), (576, 1536, 30), (49152, 576, 1))
@@ -150,6 +154,38 @@ def run_hmt(system: str, context: int, new_tokens: int, threads: int, fmt: str, 
     return out
 
 
+def run_hmt_batched(context: int, new_tokens: int, threads: int, fmt: str, checkpoint: str = "default") -> dict:
+    """BATCH_ROWS prompts of ``context`` tokens (consecutive slices of the corpus) decoded together by one
+    scheduler, as ``hmt serve`` batches requests: decode tok/s counts the tokens of every row."""
+    import torch
+
+    from hmt_runtime.incremental.scheduler import Scheduler
+
+    model = _hmt_model("hmt", fmt, checkpoint)
+    ids = torch.tensor(corpus_ids(context * BATCH_ROWS)).reshape(BATCH_ROWS, context)
+    with torch.no_grad():
+        warm = Scheduler(model, rows=BATCH_ROWS)
+        for r in range(BATCH_ROWS):
+            warm.add(ids[r, :32])
+        warm.step()
+        sched = Scheduler(model, rows=BATCH_ROWS)
+        start = time.perf_counter()
+        rows = [sched.add(ids[r]) for r in range(BATCH_ROWS)]
+        ingest_s = time.perf_counter() - start
+        tokens = [[] for _ in rows]
+        stamps = []
+        for _ in range(new_tokens):
+            for i, row in enumerate(rows):
+                token = int(sched.logits[row].argmax())
+                tokens[i].append(token)
+                sched.tokens[row] = token
+            sched.step()
+            stamps.append(time.perf_counter())
+    decode = BATCH_ROWS * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return {"ingest_tok_s": BATCH_ROWS * context / ingest_s, "decode_tok_s": decode, "ingest_s": ingest_s,
+            "new_tokens": new_tokens, "rows": BATCH_ROWS, "engine": sched.engine.name, "tokens": tokens[0]}
+
+
 def run_transformers(context: int, new_tokens: int, threads: int, fmt: str) -> dict:
     import torch
 
@@ -182,20 +218,30 @@ def run_transformers(context: int, new_tokens: int, threads: int, fmt: str) -> d
 
 
 def worker(spec: dict) -> dict:
+    import resource
+
     import torch
 
     torch.set_num_threads(spec["threads"])
-    system, args = spec["system"], (spec["context"], spec["new_tokens"], spec["threads"], spec["format"])
+    fmt = "q4" if spec["format"] == "q4-exact" else spec["format"]
+    system, args = spec["system"], (spec["context"], spec["new_tokens"], spec["threads"], fmt)
     if system == "llama.cpp":
-        return run_llama_cpp(*args)
-    if system in ("hmt", "hmt-base"):
-        return run_hmt(system, *args, spec.get("model", "default"))
-    return run_transformers(*args)
+        out = run_llama_cpp(*args)
+    elif system in ("hmt", "hmt-base"):
+        out = run_hmt(system, *args, spec.get("model", "default"))
+    elif system == "hmt-batch8":
+        out = run_hmt_batched(*args, spec.get("model", "default"))
+    else:
+        out = run_transformers(*args)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process
+    return out
 
 
 def spawn(spec: dict, timeout: float) -> dict:
     """Run one configuration in a fresh process; its result, or {"skipped"/"error": why}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    if spec.get("format") == "q4-exact":
+        env["HMT_INT_DOT"] = "0"
     try:
         done = subprocess.run([sys.executable, __file__, "worker", json.dumps(spec)], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -282,7 +328,8 @@ def machine() -> dict:
 
 
 def markdown(results: list[dict], contexts) -> str:
-    head = ["system", "weights", "engine"] + [f"decode tok/s {c}" for c in contexts] + [f"ingest tok/s {c}" for c in contexts]
+    head = (["system", "weights", "engine"] + [f"decode tok/s {c}" for c in contexts]
+            + [f"ingest tok/s {c}" for c in contexts] + ["peak RSS MB"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = []
     for r in results:
@@ -297,6 +344,8 @@ def markdown(results: list[dict], contexts) -> str:
             for c in contexts:
                 r = cells.get(c, {})
                 row.append(f"{r[field]:.1f}" if field in r else ("skipped" if "skipped" in r else "error"))
+        rss = [r["peak_rss_mb"] for r in cells.values() if "peak_rss_mb" in r]
+        row.append(f"{min(rss):.0f}-{max(rss):.0f}" if rss else "")
         lines.append("| " + " | ".join(row) + " |")
     notes = sorted({f"{r['system']} {r['format']} {r['context']}: {r.get('skipped') or r.get('error')}"
                     for r in results if "skipped" in r or "error" in r})

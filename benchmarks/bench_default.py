@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from hmt_runtime import HMTModel, load_backbone
     from hmt_runtime.incremental.scheduler import Scheduler
 
-    default = HMTModel.from_pretrained("default", kernels="torch")
+    default = HMTModel.from_pretrained("default", kernels="torch", weights="fp32")
     backbone, _ = load_backbone("smollm2-135m")
     plain = HMTModel(backbone, default.config, tokenizer=default.tokenizer)
     plain.load_hmt_weights(hmt_runtime.model.hmt.DEFAULT_DIR)

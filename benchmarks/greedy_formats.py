@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         out = generate_ids(model, torch.tensor([prompt]), max_new_tokens=args.new_tokens, eos_token_id=[])
         return out[0, len(prompt):].tolist()
 
-    ref = HMTModel.from_pretrained("default")
+    ref = HMTModel.from_pretrained("default", weights="fp32")
     items = prompts(ref.tokenizer, args.prompts, args.prompt_tokens)
     want = [run(ref, p) for p in items]
     records = []

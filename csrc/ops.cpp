@@ -19,7 +19,8 @@ TORCH_LIBRARY(hmt, m) {
   m.def("recall(Tensor summary, Tensor memory, Tensor keys, Tensor written, Tensor w_q) -> Tensor");
   m.def(
       "memory_write(Tensor new_memory, Tensor w_k, Tensor(a!) memory, Tensor(b!) keys, Tensor(c!) written) -> ()");
-  // Weight-only linear layers (csrc/cpu/linear.h): format is fp32, bf16, int8, q4_1 or q8_0.
+  // Weight-only linear layers (csrc/cpu/linear.h): format is fp32, bf16, int8, q4_1 or q8_0, or q4_1:i8 / q8_0:i8
+  // (int8 activations, integer dot products, for fewer than 4 rows of x).
   m.def("linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str format) -> Tensor");
   m.def("linear_out(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, str format, Tensor(a!) out) -> ()");
   // One decode position of a Llama-family decoder (csrc/cpu/decode.cpp; contract: hmt_runtime/engines.py).

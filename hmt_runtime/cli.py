@@ -39,9 +39,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"recall mode for a fresh HMT, as HMTConfig.recall (default {DEFAULT_RECALL}; a "
                              "checkpoint records its own)")
     parser.add_argument("--kernels", choices=("auto", "torch", "triton", "native"), default=None)
-    parser.add_argument("--weights", choices=("fp32", "bf16", "int8", "q4"), default="fp32",
-                        help="storage of the backbone's linear weights (float32 activations and accumulation); "
-                             "q4 runs the default backbone's GGUF blocks as stored (default fp32)")
+    parser.add_argument("--weights", choices=("fp32", "bf16", "int8", "q4"), default=None,
+                        help="storage of the backbone's linear weights; q4 runs the default backbone's GGUF blocks "
+                             "as stored (default: q4 for the default backbone, whose weights they are, else fp32)")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
 
@@ -49,7 +49,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args):
     from .core.config import HMTConfig
     from .model.hmt import CONFIG_NAME, DEFAULT_DIR, HMTModel
-    from .model.loading import load_backbone
+    from .model.loading import default_weights, load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,8 +63,9 @@ def load_model(args):
               file=sys.stderr)
         name = "smollm2-135m"
     if name == "default" or (Path(name) / CONFIG_NAME).is_file():
-        return HMTModel.from_pretrained(name, kernels=args.kernels, weights=getattr(args, "weights", "fp32"))
-    backbone, tokenizer = load_backbone(name, weights=getattr(args, "weights", "fp32"))
+        return HMTModel.from_pretrained(name, kernels=args.kernels, weights=getattr(args, "weights", None))
+    weights = getattr(args, "weights", None) or default_weights(name)
+    backbone, tokenizer = load_backbone(name, weights=weights)
     config = HMTConfig.from_window(args.window, sensory_tokens=args.sensory_tokens, memory_slots=args.memory_slots,
                                    recall_dim=1536, recall=args.recall, kernels=args.kernels or "auto")
     model = HMTModel(backbone, config, tokenizer=tokenizer)

@@ -53,7 +53,7 @@ def test_shipped_default_runs_on_the_lean_engine_with_the_peft_models_tokens():
     import hmt_runtime
     from hmt_runtime.incremental.scheduler import Scheduler
 
-    model = HMTModel.from_pretrained("default", kernels="torch")
+    model = HMTModel.from_pretrained("default", kernels="torch", weights="fp32")
     assert hasattr(model.backbone, "peft_config") and Scheduler(model).engine.name == "lean"
     from pathlib import Path
 

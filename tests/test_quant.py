@@ -77,6 +77,64 @@ def test_kernel_against_float64(fmt, isa, fresh_seed):
                     assert torch.equal(layer(x), y)
 
 
+def _quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's per-block int8 quantization of x (M, K) float32, emulated in float32 as the kernels compute
+    it: (x_hat = d q as float64 (M, K), d per element (M, K))."""
+    m, k = x.shape
+    pad = (-k) % 32
+    blocks = F.pad(x, (0, pad)).reshape(m, -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv).clamp(-127, 127)
+    x_hat = (d.double() * q.double()).reshape(m, -1)[:, :k]
+    return x_hat, d.expand_as(blocks).reshape(m, -1)[:, :k].double()
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_integer_dot_products_against_float64(fmt, isa, fresh_seed, threads):
+    """The ":i8" formats (x quantized to int8 per block of 32, integer dot products): equal to the float64
+    product of the quantized x within the float32 summation bound, and to the float64 product of x itself within
+    the quantization bound sum |w| d / 2; odd K (partial last blocks), N beyond a thread's rows, M below and at
+    the 4-row switch to the float32 kernels."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU or build has no {isa} kernels (has {_isas()})")
+    g = torch.Generator().manual_seed(fresh_seed)
+    threads(2)
+    with quant.use_isa(isa):
+        for k in (96, 75, 200, 33):
+            for n in (37, 5, 1001):
+                weight = torch.randn(n, k, generator=g) * 0.1
+                bias = torch.randn(n, generator=g) if n != 5 else None
+                exact = quant.from_weight(weight, fmt, bias)
+                layer = quant.from_weight(weight, fmt, bias)
+                assert quant.set_int_dot(layer, True) == 1 and layer.kernel_format.endswith(":i8")
+                w64 = layer.dequantize().double()
+                for m in (1, 2, 3, 4):
+                    x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4
+                    x[:, k // 3] = 0.0  # a zero element; and a row of zeros (a block with amax 0)
+                    if m == 3:
+                        x[1] = 0.0
+                    y = layer(x)
+                    what = f"{fmt}:i8/{isa} M={m} N={n} K={k}"
+                    if m >= 4:  # the float32 kernels from 4 rows on
+                        assert torch.equal(y, exact(x)), what
+                        continue
+                    x_hat, d = _quantized_activations(x)
+                    ref = x_hat @ w64.T + (0 if bias is None else bias.double())
+                    magnitude = x_hat.abs() @ w64.abs().T + (0 if bias is None else bias.double().abs())
+                    err = (y.double() - ref).abs()
+                    tight = (4 * (k + 2) * U * magnitude + 1e-30)
+                    assert (err <= tight).all(), f"{what} (seed {fresh_seed}): {(err / tight).max():.2f}x the bound"
+                    true = x.double() @ w64.T + (0 if bias is None else bias.double())
+                    loose = 0.5 * d @ w64.abs().T + tight
+                    assert ((y.double() - true).abs() <= loose).all(), f"{what} (seed {fresh_seed})"
+                    if m == 1 and n == 37:
+                        assert not torch.equal(y, exact(x)), f"{what}: the integer path was not taken"
+
+
 @needs_native
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads, monkeypatch):
@@ -368,7 +426,7 @@ def test_default_backbone_q4_is_the_gguf_blocks():
 def test_default_model_q4_applies_the_adapters_beside_the_blocks():
     from hmt_runtime import HMTModel
 
-    fp = HMTModel.from_pretrained("default", kernels="torch")
+    fp = HMTModel.from_pretrained("default", kernels="torch", weights="fp32")
     q4 = HMTModel.from_pretrained("default", kernels="torch", weights="q4")
     lora = [m for m in q4.backbone.modules() if type(m).__name__ == "LoraQuantLinear"]
     assert len(lora) == 30 * 7 and all(isinstance(m.base_layer, quant.QuantLinear) for m in lora)  # q k v o gate up down
@@ -384,14 +442,16 @@ def test_default_model_q4_applies_the_adapters_beside_the_blocks():
 def test_default_model_greedy_tokens_equal_in_fp32_and_q4_on_real_text():
     """200 greedy tokens of the shipped default after 600 tokens of held-out text, fp32 and q4 weights (the
     GGUF's blocks, which dequantize exactly to the fp32 weights), each on the path users run (the scheduler
-    with its default kernels and engine): equal token for token."""
+    with its default kernels and engine) with the float32-exact kernels: equal token for token.  (The integer
+    dot products quantize activations, so they are compared by benchmarks/quality_int_dot.py instead.)"""
     from pathlib import Path
 
     from hmt_runtime import HMTModel
     from hmt_runtime.incremental.generation import generate_ids
 
-    fp = HMTModel.from_pretrained("default")
+    fp = HMTModel.from_pretrained("default", weights="fp32")
     q4 = HMTModel.from_pretrained("default", weights="q4")
+    assert quant.set_int_dot(q4, False) > 0
     text = (Path(__file__).resolve().parents[1] / "data" / "austen" / "persuasion.txt").read_text(encoding="utf-8")
     ids = fp.tokenizer(text[20000:40000], add_special_tokens=False).input_ids[:600]
     prompt = torch.tensor([ids])
@@ -399,3 +459,23 @@ def test_default_model_greedy_tokens_equal_in_fp32_and_q4_on_real_text():
     got = generate_ids(q4, prompt, max_new_tokens=200, eos_token_id=[])[0, 600:].tolist()
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     assert len(got) == len(want) == 200 and first is None, f"q4 leaves fp32's greedy tokens at new token {first}"
+
+
+@pytest.mark.slow
+def test_the_default_runs_its_gguf_blocks_with_integer_dots_unless_asked_otherwise(monkeypatch):
+    """from_pretrained("default") and the CLI's loader take the q4 blocks (loading.default_weights) with the
+    integer dot products (quant.int_dot_default; HMT_INT_DOT=0 turns them off); other backbones stay fp32."""
+    from hmt_runtime import HMTModel
+    from hmt_runtime.model.loading import default_weights
+
+    model = HMTModel.from_pretrained("default")
+    layers = [m for m in model.backbone.modules() if isinstance(m, quant.QuantLinear)]
+    assert len(layers) == 30 * 7 + 1 and {m.weight_format for m in layers} == {"q4", "q8"}
+    assert all(m.int_dot for m in layers) and layers[0].kernel_format.endswith(":i8")
+    assert default_weights("smollm2-135m") == "q4" and default_weights("/some/other/model") == "fp32"
+    monkeypatch.setenv("HMT_INT_DOT", "0")
+    assert not quant.int_dot_default()
+    exact = quant.from_weight(torch.randn(8, 64), "q4")
+    assert exact.kernel_format == "q4_1" and quant.set_int_dot(exact, True) == 1 and exact.kernel_format == "q4_1:i8"
+    with pytest.raises(TypeError, match="enabled=1"):
+        quant.set_int_dot(exact, 1)

@@ -4,12 +4,12 @@
 // grouped-query attention over positions [0, lens[b]], the o projection and residual, RMSNorm, the SiLU-gated MLP
 // and residual; then the final RMSNorm.  The projections are the weight-only linear kernels (linear.h: fp32,
 // bf16, int8, Q4_1, Q8_0), each with an optional LoRA adapter applied beside it as its low-rank product
-// (y += scale * B (A x)); attention is the shared CPU attention kernel (attend.h).  The ~25 small operations
+// (y += scale * B (A x), A x by the same vectorised kernels); attention is the shared CPU attention kernel (attend.h).  The ~25 small operations
 // around the projections run here, on float32 rows, without a dispatcher call each.
 //
 // Contract (hmt_runtime/engines.py, LlamaEngine.decode): x (B, d) float32 input embeddings; per layer l, seven
 // projections in the order q, k, v, o, gate, up, down (weights[7 l + i] with scales / biases / formats /
-// LoRA factors at the same index); norms[2 l] / norms[2 l + 1] the input / post-attention RMSNorm weights and
+// LoRA factors A (r, K) and B^T (r, N) at the same index); norms[2 l] / norms[2 l + 1] the input / post-attention RMSNorm weights and
 // norms[2 L] the final one (eps at the same indices); cos, sin_signed (B, D): the rotary rows of each batch
 // row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
 // k_cache[l], v_cache[l] (rows >= B, Hkv, W, D) float32 or bfloat16, written at position lens[b]; lens (B,)
@@ -35,33 +35,27 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 struct Projection {
   PackedLinear base;
-  const float* lora_a = nullptr;  // (r, K) or nullptr
-  const float* lora_b = nullptr;  // (N, r)
-  int64_t rank = 0;
+  PackedLinear lora_a;            // A (r, K) as an fp32 weight, its scale folded in; n == 0 without LoRA
+  const float* lora_bt = nullptr;  // B^T (r, N)
   float lora_scale = 0.0f;
 };
 
-// y (m, N) = x (m, K) W^T (+ b) (+ scale * B (A x)).
+// y (m, N) = x (m, K) W^T (+ b) (+ scale * B (A x)): A x by the vectorised fp32 linear kernels, then y += B s
+// as r axpy passes over contiguous rows of B^T.
 void project(const Projection& p, const float* x, int64_t m, float* y, std::vector<float>& scratch) {
   linear_parallel(p.base, x, p.base.k, m, y, p.base.n);
-  if (p.lora_a == nullptr) return;
-  const int64_t k = p.base.k, n = p.base.n, r = p.rank;
+  if (p.lora_bt == nullptr) return;
+  const int64_t n = p.base.n, r = p.lora_a.n;
   scratch.resize(static_cast<size_t>(m * r));
-  for (int64_t i = 0; i < m; ++i)
+  linear_parallel(p.lora_a, x, p.base.k, m, scratch.data(), r);
+  for (int64_t i = 0; i < m; ++i) {
+    float* yi = y + i * n;
     for (int64_t j = 0; j < r; ++j) {
-      const float* a = p.lora_a + j * k;
-      const float* xi = x + i * k;
-      float s = 0.0f;
-      for (int64_t t = 0; t < k; ++t) s += a[t] * xi[t];
-      scratch[i * r + j] = s * p.lora_scale;
+      const float s = scratch[i * r + j] * p.lora_scale;
+      const float* bt = p.lora_bt + j * n;
+      for (int64_t o = 0; o < n; ++o) yi[o] += s * bt[o];
     }
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t o = 0; o < n; ++o) {
-      const float* b = p.lora_b + o * r;
-      float s = 0.0f;
-      for (int64_t j = 0; j < r; ++j) s += b[j] * scratch[i * r + j];
-      y[i * n + o] += s;
-    }
+  }
 }
 
 // out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], row by row (LlamaRMSNorm in float32).
@@ -145,15 +139,14 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
     TORCH_CHECK_VALUE(lora_a[i].has_value() == lora_b[i].has_value(), "lora_a / lora_b[", i,
                       "]: give both or neither");
     if (lora_a[i].has_value()) {
-      at::Tensor a = checked_f32(*lora_a[i], "lora_a"), bm = checked_f32(*lora_b[i], "lora_b");
-      TORCH_CHECK_VALUE(a.dim() == 2 && bm.dim() == 2 && a.size(1) == k && bm.size(0) == proj[i].base.n &&
-                            bm.size(1) == a.size(0),
-                        "lora_a / lora_b[", i, "]: expected (r, K) and (N, r)");
+      at::Tensor a = checked_f32(*lora_a[i], "lora_a"), bt = checked_f32(*lora_b[i], "lora_b");
+      TORCH_CHECK_VALUE(a.dim() == 2 && bt.dim() == 2 && a.size(1) == k && bt.size(1) == proj[i].base.n &&
+                            bt.size(0) == a.size(0),
+                        "lora_a / lora_b[", i, "]: expected A (r, K) and B^T (r, N)");
       keep.push_back(a);
-      keep.push_back(bm);
-      proj[i].lora_a = a.data_ptr<float>();
-      proj[i].lora_b = bm.data_ptr<float>();
-      proj[i].rank = a.size(0);
+      keep.push_back(bt);
+      proj[i].lora_a = pack_linear(a, std::nullopt, std::nullopt, "fp32", k);
+      proj[i].lora_bt = bt.data_ptr<float>();
       proj[i].lora_scale = static_cast<float>(lora_scale[i]);
     }
   }

@@ -18,10 +18,14 @@ namespace hmt::cpu {
 namespace {
 
 using RowsFn = void (*)(const LinearArgs&, int64_t, int64_t);
+using DotFn = void (*)(const DotArgs&, int64_t, int64_t);
+using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*, float*);
 
 struct IsaBuild {
   const char* name;
   RowsFn fn;
+  DotFn dot;
+  QuantizeFn quantize;
   bool (*supported)();
 };
 
@@ -29,7 +33,8 @@ bool cpu_has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("avx512vnni");  // the build's integer dot products use VNNI
 #else
   return false;
 #endif
@@ -49,12 +54,12 @@ bool always() { return true; }
 const std::vector<IsaBuild>& builds() {
   static const std::vector<IsaBuild> list = {
 #ifdef HMT_LINEAR_AVX512
-      {"avx512", &avx512::linear_rows, &cpu_has_avx512},
+      {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &cpu_has_avx512},
 #endif
 #ifdef HMT_LINEAR_AVX2
-      {"avx2", &avx2::linear_rows, &cpu_has_avx2},
+      {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &cpu_has_avx2},
 #endif
-      {"scalar", &scalar::linear_rows, &always},
+      {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &always},
   };
   return list;
 }
@@ -110,9 +115,14 @@ const IsaBuild& active() {
 
 int64_t block_count(int64_t k) { return (k + 31) / 32; }
 
+
+
 // From this many rows of x on, hmt::linear / linear_out run linear_gemm (prefill) instead of the weight-only
 // kernels (decode, short chunks).
 constexpr int64_t kGemmRows = 32;
+// Integer dot products ("...:i8" formats) for fewer than this many rows of x; from it on the float32 kernels,
+// which dequantize each weight vector once for a tile of rows, are faster.
+constexpr int64_t kDotRows = 4;
 
 const char* format_name(WeightFormat f) {
   switch (f) {
@@ -220,18 +230,25 @@ void linear_gemm(const PackedLinear& p, const at::Tensor& x2, const at::Tensor& 
 
 }  // namespace
 
-WeightFormat parse_weight_format(const std::string& name) {
+WeightFormat parse_weight_format(const std::string& name, bool* int_dot) {
+  if (int_dot != nullptr) *int_dot = false;
+  if (name == "q4_1:i8" || name == "q8_0:i8") {
+    TORCH_CHECK_VALUE(int_dot != nullptr, "format=", name, ": integer dot products are not available here");
+    *int_dot = true;
+    return name[1] == '4' ? WeightFormat::kQ4_1 : WeightFormat::kQ8_0;
+  }
   if (name == "fp32") return WeightFormat::kF32;
   if (name == "bf16") return WeightFormat::kBF16;
   if (name == "int8") return WeightFormat::kI8;
   if (name == "q4_1") return WeightFormat::kQ4_1;
   if (name == "q8_0") return WeightFormat::kQ8_0;
-  TORCH_CHECK_VALUE(false, "format=", name, ": expected one of fp32, bf16, int8, q4_1, q8_0");
+  TORCH_CHECK_VALUE(false, "format=", name, ": expected one of fp32, bf16, int8, q4_1, q8_0, q4_1:i8, q8_0:i8");
 }
 
 PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& bias, const std::string& format, int64_t k) {
-  const WeightFormat f = parse_weight_format(format);
+  bool int_dot = false;
+  const WeightFormat f = parse_weight_format(format, &int_dot);
   TORCH_CHECK_VALUE(k > 0, "x has ", k, " features: expected at least one");
   check_cpu(weight, "weight");
   check_dim(weight, "weight", 2, "(N, row)");
@@ -285,17 +302,42 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
     bias_ptr = bias->data_ptr<float>();
   }
   const int64_t row_bytes = weight.stride(0) * static_cast<int64_t>(weight.element_size());
-  return PackedLinear{f, static_cast<const uint8_t*>(weight.data_ptr()), row_bytes, scale_ptr, bias_ptr, n, k};
+  return PackedLinear{f, static_cast<const uint8_t*>(weight.data_ptr()), row_bytes, scale_ptr, bias_ptr, n, k,
+                      int_dot};
 }
 
-void linear_run(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
-                int64_t n1) {
-  if (m <= 0 || n1 <= n0) return;
-  active().fn(kernel_args(p, x, ldx, m, y, ldy), n0, n1);
+
+// The integer-dot path: x quantized per block of 32 (once, on the calling thread), then the weight rows split
+// over torch's pool as in linear_parallel.
+void dot_parallel(const IsaBuild& build, const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y,
+                  int64_t ldy) {
+  const int64_t blocks = block_count(p.k), ldq = blocks * 32;
+  thread_local std::vector<int8_t> qx;
+  thread_local std::vector<float> dx, sx;
+  qx.resize(static_cast<size_t>(m * ldq));
+  dx.resize(static_cast<size_t>(m * blocks));
+  sx.resize(static_cast<size_t>(m * blocks));
+  build.quantize(x, ldx, m, p.k, qx.data(), ldq, dx.data(), sx.data());
+  const DotArgs args{p.format, p.w, p.row_bytes, p.k, qx.data(), ldq, dx.data(), sx.data(), m, p.bias, y, ldy};
+  const int64_t threads = pool_threads(static_cast<double>(m) * p.n * p.k);
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
+  if (threads <= 1 || tasks <= 1) {
+    build.dot(args, 0, p.n);
+    return;
+  }
+  const int64_t per_thread = (tasks + threads - 1) / threads;
+  at::parallel_for(0, tasks, per_thread, [&](int64_t t0, int64_t t1) {
+    build.dot(args, t0 * kRowsPerTask, std::min(p.n, t1 * kRowsPerTask));
+  });
 }
 
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {
   if (m <= 0) return;
+  if (p.int_dot && m < kDotRows) {
+    dot_parallel(active(), p, x, ldx, m, y, ldy);
+    return;
+  }
   const RowsFn fn = active().fn;
   const LinearArgs args = kernel_args(p, x, ldx, m, y, ldy);
   const int64_t threads = pool_threads(static_cast<double>(m) * p.n * p.k);
@@ -354,6 +396,7 @@ void linear_out(const at::Tensor& x, const at::Tensor& weight, const std::option
 }
 
 std::string linear_isa() { return active().name; }
+
 
 std::vector<std::string> linear_isas() {
   std::vector<std::string> names;

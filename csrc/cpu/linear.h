@@ -14,8 +14,10 @@
 
 namespace hmt::cpu {
 
-// "fp32", "bf16", "int8", "q4_1", "q8_0" (ValueError naming the value otherwise).
-WeightFormat parse_weight_format(const std::string& name);
+// "fp32", "bf16", "int8", "q4_1", "q8_0", and "q4_1:i8" / "q8_0:i8": the same blocks multiplied by x quantized
+// to int8 per block of 32 with integer dot products when x has fewer than 4 rows (linear_isa.h, DotArgs), where *int_dot is set (ValueError
+// naming the value otherwise).
+WeightFormat parse_weight_format(const std::string& name, bool* int_dot = nullptr);
 
 // A checked weight: what the kernels need besides x and y.  Build it once per layer (pack_linear), then call
 // linear_run from inside a caller's parallel region or linear_parallel to use torch's pool.
@@ -26,6 +28,7 @@ struct PackedLinear {
   const float* scale;  // (N,) for int8
   const float* bias;   // (N,) or nullptr
   int64_t n, k;        // W is (N, K)
+  bool int_dot = false;  // Q4_1 / Q8_0 named with ":i8": products with < 4 rows of x take the integer dots
 };
 
 // weight: fp32 / bf16 (N, K), int8 (N, K) with scale float32 (N,), q4_1 uint8 (N, ceil(K/32) * 20) or q8_0 uint8
@@ -34,13 +37,9 @@ struct PackedLinear {
 PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& bias, const std::string& format, int64_t k);
 
-// y[i, n] for i < m, n0 <= n < n1, on the calling thread.  x row i at x + i * ldx (K floats); y[i, n] at
-// y + i * ldy + n.
-void linear_run(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
-                int64_t n1);
-
-// All N outputs, split over torch's intra-op pool (the calling thread alone for small calls or inside a
-// parallel region).
+// y[i, n] for i < m and all N outputs, split over torch's intra-op pool (the calling thread alone for small
+// calls or inside a parallel region).  x row i at x + i * ldx (K floats); y[i, n] at y + i * ldy + n.  Weights
+// packed from a ":i8" format take the integer dot products (linear_isa.h, DotArgs).
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy);
 
 // The op hmt::linear: x (..., K) float32 -> (..., N) float32.
@@ -57,5 +56,6 @@ void linear_out(const at::Tensor& x, const at::Tensor& weight, const std::option
 std::string linear_isa();
 std::vector<std::string> linear_isas();
 void set_linear_isa(const std::string& name);
+
 
 }  // namespace hmt::cpu

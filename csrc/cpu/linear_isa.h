@@ -39,14 +39,41 @@ struct LinearArgs {
   int64_t ldy;
 };
 
+// Integer dot products (llama.cpp's scheme): each row of x quantized per block of 32 to int8, q = round(x / d),
+// d = max |x| / 127 over the block (quantize_x), then per block of a Q4_1 or Q8_0 weight row
+//   Q4_1: d_w d_x sum(q_w q_x) + m_w s_x,   Q8_0: d_w d_x sum(q_w q_x),   s_x = d_x sum(q_x),
+// the integer sums exact (int32), the block terms accumulated in float32.  The error against the float32-exact
+// kernels is that of replacing x by its quantized value d_x q_x, at most d_x / 2 per element.
+struct DotArgs {
+  WeightFormat format;  // kQ4_1 or kQ8_0
+  const uint8_t* w;     // row n at w + n * row_bytes
+  int64_t row_bytes;
+  int64_t k;            // K (the last block may be partial: the quantized x is zero past K)
+  const int8_t* qx;     // row i at qx + i * ldq (ceil(K / 32) * 32 int8, zero past K)
+  int64_t ldq;
+  const float* dx;      // (m, ceil(K / 32)): d_x of each block of each row
+  const float* sx;      // (m, ceil(K / 32)): s_x = d_x sum(q_x)
+  int64_t m;            // rows of x
+  const float* bias;    // (N,) or nullptr
+  float* y;             // y[i, n] at y + i * ldy + n
+  int64_t ldy;
+};
+
+#define HMT_LINEAR_BUILD_ENTRIES                                                                     \
+  void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);                                  \
+  void dot_rows(const DotArgs& args, int64_t n0, int64_t n1);                                        \
+  void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, int64_t ldq, float* d, \
+                  float* s);                                                                         \
+  bool dot_uses_vnni();
+
 namespace avx512 {
-void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);
+HMT_LINEAR_BUILD_ENTRIES
 }
 namespace avx2 {
-void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);
+HMT_LINEAR_BUILD_ENTRIES
 }
 namespace scalar {
-void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);
+HMT_LINEAR_BUILD_ENTRIES
 }
 
 }  // namespace hmt::cpu

@@ -8,10 +8,12 @@ decoder-only family works (tested: Llama, Qwen2, Mistral, GPT-2, OPT).
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 
@@ -80,3 +82,21 @@ def check_window(backbone: nn.Module, config) -> None:
             f"{config.sensory_tokens} + 2): expected at most {limit}, the positions this {kind} backbone's learned "
             f"position table holds; use HMTConfig.from_window({limit}, ...) or a smaller window"
         )
+
+
+@torch.no_grad()
+def embedding_moments(backbone: nn.Module, chunk: int = 1024) -> tuple[float, float]:
+    """(standard deviation, root mean square) of every element of the input embedding table, read through the
+    embedding layer ``chunk`` rows at a time (a quantized table is never dequantized whole)."""
+    layer = unwrap(backbone).get_input_embeddings()
+    rows = vocab_size(backbone)
+    device = next((t.device for t in list(layer.parameters()) + list(layer.buffers())), torch.device("cpu"))
+    total = square = 0.0
+    count = 0
+    for start in range(0, rows, chunk):
+        block = layer(torch.arange(start, min(rows, start + chunk), device=device)).double()
+        total += float(block.sum())
+        square += float(block.pow(2).sum())
+        count += block.numel()
+    mean = total / count
+    return math.sqrt(max(square / count - mean * mean, 0.0) * count / max(count - 1, 1)), math.sqrt(square / count)

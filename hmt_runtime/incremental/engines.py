@@ -99,7 +99,7 @@ class Projection:
 
     def __init__(self, module: nn.Module):
         adapters, base = _projection_parts(module)
-        self.lora_a = self.lora_b = None
+        self.lora_a = self.lora_b = self.lora_bt = None
         self.quant = None
         if type(base) is nn.Linear:
             self.weight, self.bias = base.weight, base.bias
@@ -115,6 +115,7 @@ class Projection:
                 with torch.no_grad():
                     self.lora_a = torch.cat([a.float() * scale for a, _, scale in adapters]).contiguous()
                     self.lora_b = torch.cat([b.float() for _, b, _ in adapters], dim=1).contiguous()
+                    self.lora_bt = self.lora_b.t().contiguous()  # (r, N): the native decode step's layout
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
@@ -125,9 +126,9 @@ class Projection:
         return y
 
     def kernel_args(self):
-        """(weight, scale, bias, format, lora_a, lora_b, lora_scale) for the native decode step."""
+        """(weight, scale, bias, format, lora_a (r, K), lora_b^T (r, N), lora_scale) for the native decode step."""
         if self.quant is not None:
-            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, self.lora_a, self.lora_b, 1.0)
+            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, self.lora_a, self.lora_bt, 1.0)
         fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.weight.dtype]
         bias = None if self.bias is None else self.bias.float()
         return (self.weight, None, bias, fmt, None, None, 0.0)

@@ -27,7 +27,7 @@ from ..core import segment
 from ..core import atomic
 from ..native import quant
 from . import hmt_pytorch
-from .loading import load_backbone
+from .loading import default_weights, load_backbone
 from ..core.atomic import staged_dir
 from ..core.checks import check_finite, check_input_ids, checksum_metadata, verify_checksums
 from ..incremental.backend import model_ops
@@ -138,10 +138,12 @@ class HMTModel(nn.Module):
         self.backbone = backbone
         self.config = config
         self.tokenizer = tokenizer
-        embeddings = inner.get_input_embeddings().weight
-        width = embeddings.shape[1]
-        std = float(embeddings.detach().float().std())
-        dtype, device = embeddings.dtype, embeddings.device
+        width = backbones.embedding_width(inner)
+        std, self.embedding_rms = backbones.embedding_moments(inner)
+        table = inner.get_input_embeddings()  # its dtype and device, without dequantizing a quantized table
+        reference = table.weight if isinstance(table, nn.Embedding) else next(
+            t for t in list(inner.parameters()) + list(inner.buffers()) if t.is_floating_point())
+        dtype, device = reference.dtype, reference.device
         self.summary_prompt = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
         self.memory_init = nn.Parameter(torch.randn(1, width, dtype=dtype, device=device) * std)
         self.recall = Recall(width, config.recall_dim).to(device=device, dtype=dtype)
@@ -193,9 +195,8 @@ class HMTModel(nn.Module):
         if memory_scale == "hidden":
             self.memory_gain = None
         elif self.memory_gain is None:
-            embeddings = backbones.unwrap(self.backbone).get_input_embeddings().weight.detach()
-            rms = float(embeddings.float().pow(2).mean().sqrt())
-            self.memory_gain = nn.Parameter(torch.full((1, self.width), rms, dtype=self.dtype, device=self.device))
+            self.memory_gain = nn.Parameter(torch.full((1, self.width), self.embedding_rms, dtype=self.dtype,
+                                                       device=self.device))
 
     def memory_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
         """M_n from the final hidden state at a segment's trailing P: hidden (B, d) -> (B, d) (spec step 4;
@@ -557,7 +558,10 @@ class HMTModel(nn.Module):
         Everything read is validated (``read_checkpoint_config``, ``load_hmt_weights``; the adapter's weights
         must be finite); a save interrupted between its renames is recovered first (``hmt_runtime.core.atomic``).
         ``weights`` ("fp32", "bf16", "int8", "q4"): the storage of the backbone's linear weights (``load_backbone``;
-        a given ``backbone`` is converted in place); LoRA adapters are applied beside the quantized weights.
+        a given ``backbone`` is converted in place); LoRA adapters are applied beside the quantized weights.  None
+        (the default): ``loading.default_weights`` of the recorded backbone, i.e. "q4" for the default backbone
+        (its GGUF blocks as stored: lossless, and on CPU the fast path; pass "fp32" to train or to run on a GPU)
+        and "fp32" for others; a given ``backbone`` is left as it is.
         """
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype={dtype!r}: expected None or a torch.dtype (e.g. torch.bfloat16)")
@@ -583,7 +587,8 @@ class HMTModel(nn.Module):
                 backbone, tokenizer = load_backbone(str(directory / meta["backbone_dir"]),
                                                               weights=weights or "fp32")
             elif identity.get("source"):
-                backbone, tokenizer = load_backbone(identity["source"], weights=weights or "fp32")
+                backbone, tokenizer = load_backbone(identity["source"],
+                                                    weights=weights or default_weights(identity["source"]))
             else:
                 raise ValueError(f"checkpoint {str(directory)!r} records no backbone source; pass backbone=")
             if dtype is not None:

@@ -57,6 +57,50 @@ def default_backbone_folder() -> Path:
     return target
 
 
+def _default_q4(folder: Path, kwargs: dict):
+    """The default backbone in q4 straight from its GGUF: the model is built on the meta device, every linear
+    layer and the tied embedding become QuantLinear / QuantEmbedding over the GGUF's own Q4_1 / Q8_0 blocks, and
+    only the remaining float tensors (the RMSNorm weights, a few KB) are read from the cached safetensors copy;
+    the rotary tables are computed on the CPU.  Peak memory is the blocks, never a float32 copy of the model."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    options = {"dtype": kwargs["dtype"]}
+    if "attn_implementation" in kwargs:
+        options["attn_implementation"] = kwargs["attn_implementation"]
+    with torch.device("meta"):
+        backbone = AutoModelForCausalLM.from_config(config, **options)
+    report = quant.quantize_model(backbone, "q4", gguf=_gguf_folder() / _GGUF_FILE, require_gguf=True)
+    missing = [name for name, p in backbone.named_parameters() if p.is_meta]
+    with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
+        state = {name: f.get_tensor(name) for name in missing}
+    backbone.load_state_dict(state, strict=False, assign=True)
+    for module in backbone.modules():  # non-persistent buffers (rotary tables) built again on the CPU
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "rope_init_fn") and "Rotary" not in type(module).__name__:
+                raise RuntimeError(f"loading the q4 default backbone: {type(module).__name__} has buffers this "
+                                   "loader cannot rebuild")
+            fresh = type(module)(config=module.config if hasattr(module, "config") else config)
+            for key, value in fresh.named_buffers(recurse=False):
+                module.register_buffer(key, value, persistent=False)
+            for key, value in vars(fresh).items():
+                if not key.startswith("_") and isinstance(value, (int, float)) and hasattr(module, key):
+                    setattr(module, key, value)
+    left = [name for name, t in list(backbone.named_parameters()) + list(backbone.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"loading the q4 default backbone left tensors unloaded: {left[:5]}")
+    backbone.hmt_quantized = report
+    return backbone
+
+
+def default_weights(source: str | None) -> str:
+    """The weight format a model runs in when none is asked for: "q4" for the default backbone (its GGUF's
+    Q4_1 / Q8_0 blocks are its weights, so "q4" is lossless against "fp32" and 4-8x smaller), "fp32" for any
+    other backbone (quantizing it would change it)."""
+    return "q4" if source == DEFAULT_BACKBONE else "fp32"
+
+
 def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = torch.float32, attn_implementation=None,
                   weights: str = "fp32"):
     """Load a causal LM and its tokenizer, offline.
@@ -84,14 +128,17 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     kwargs = {"dtype": dtype, "local_files_only": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    backbone = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if weights == "q4" and name_or_path == DEFAULT_BACKBONE and dtype == torch.float32:
+        backbone = _default_q4(folder, kwargs)  # never holds a float32 copy of the projections
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if weights != "fp32":
+            gguf = _gguf_folder() / _GGUF_FILE if name_or_path == DEFAULT_BACKBONE else None
+            backbone.hmt_quantized = quant.quantize_model(backbone, weights, gguf=gguf)
     tokenizer = None
     if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     backbone.eval()
-    if weights != "fp32":
-        gguf = _gguf_folder() / _GGUF_FILE if name_or_path == DEFAULT_BACKBONE else None
-        backbone.hmt_quantized = quant.quantize_model(backbone, weights, gguf=gguf)
     backbone.hmt_weights = weights
     backbone.hmt_source = name_or_path  # recorded in HMT checkpoints as the backbone's identity
     return backbone, tokenizer

@@ -38,6 +38,14 @@ on such CPUs (``HMT_BF16_GEMM=0`` turns it off, ``=1`` forces it).  Without
 the extension, on another device, or for float64 inputs and inputs that record autograd, ``QuantLinear`` runs
 ``F.linear`` on the dequantized weight (correct, slower).
 
+Integer dot products (``QuantLinear.int_dot``, kernel formats ``q4_1:i8`` / ``q8_0:i8``): below 4 rows of x (decode),
+q4 and q8 layers can instead quantize x to int8 per block of 32 (d = max |x| / 127, q = round(x / d)) and take
+integer dot products against the blocks, as llama.cpp does: Q4_1 gives d_w d_x sum(q_w q_x) + m_w d_x sum(q_x),
+Q8_0 d_w d_x sum(q_w q_x), the integer sums exact, the block terms summed in float32 (AVX-512 VNNI, AVX2, portable
+builds).  The error is that of x's quantization, at most sum |w| d_x / 2 per output.  ``load_backbone`` turns
+them on for the layers it quantizes unless ``HMT_INT_DOT=0`` (``int_dot_default()``); ``set_int_dot(module, on)``
+switches a loaded model.  benchmarks/quality_int_dot.py measures what they cost in perplexity and greedy tokens.
+
 Over 500 lines: the formats, their layers and their loaders share the block layouts.
 """
 from __future__ import annotations
@@ -150,6 +158,25 @@ def use_isa(name: str):
         set_isa(previous)
 
 
+def int_dot_default() -> bool:
+    """Whether new q4 / q8 layers take the integer dot products (``QuantLinear.int_dot``): yes unless the
+    environment sets ``HMT_INT_DOT=0``."""
+    return os.environ.get("HMT_INT_DOT", "1") != "0"
+
+
+def set_int_dot(module: nn.Module, enabled: bool) -> int:
+    """Set ``int_dot`` on every q4 / q8 ``QuantLinear`` under ``module`` (itself included); returns how many.
+    Engines built before the change keep what they packed: build them again (a new ``generate`` call does)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled={enabled!r}: expected True or False")
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, QuantLinear) and layer.weight_format in ("q4", "q8"):
+            layer.int_dot = enabled
+            count += 1
+    return count
+
+
 # ------------------------------------------------------------------------------------ (de)quantization
 def _pad_blocks(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) float32 -> (N, nb, 32), the last block padded with the row's last value."""
@@ -242,9 +269,12 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, weight_format: str, qweight: torch.Tensor,
-                 scale: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, int_dot: bool = False):
         super().__init__()
         check_format(weight_format)
+        if not isinstance(int_dot, bool):
+            raise TypeError(f"int_dot={int_dot!r}: expected True or False")
+        self.int_dot = int_dot and weight_format in ("q4", "q8")
         self.in_features, self.out_features, self.weight_format = int(in_features), int(out_features), weight_format
         expected = {
             "fp32": (torch.float32, in_features), "bf16": (torch.bfloat16, in_features),
@@ -265,8 +295,9 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel_format(self) -> str:
-        """The format name of ``torch.ops.hmt.linear``: fp32, bf16, int8, q4_1 or q8_0."""
-        return _KERNEL_FORMAT[self.weight_format]
+        """The format name of ``torch.ops.hmt.linear``: fp32, bf16, int8, q4_1 or q8_0, with ":i8" for a q4 / q8
+        layer with ``int_dot`` (x quantized to int8 per block of 32, integer dot products, below 4 rows of x)."""
+        return _KERNEL_FORMAT[self.weight_format] + (":i8" if self.int_dot else "")
 
     def nbytes(self) -> int:
         """Bytes of weight storage (qweight, scale, bias)."""
@@ -311,7 +342,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weight_format={self.weight_format!r}, bias={self.bias is not None}")
+                f"weight_format={self.weight_format!r}, bias={self.bias is not None}"
+                + (", int_dot=True" if self.int_dot else ""))
 
 
 class QuantEmbedding(nn.Module):
@@ -383,33 +415,96 @@ def gguf_linear_weights(path, num_heads: int, num_kv_heads: int) -> dict[str, tu
     "model.embed_tokens.weight" / "lm_head.weight": Q4_1 and Q8_0 tensors as their stored blocks (uint8 (N,
     row bytes)), others as None (the caller quantizes the fp32 weight).  The rows of q and k are put back in
     transformers' order (GGUF stores them permuted for its rotary layout; a row permutation is lossless)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
     out: dict[str, tuple[str, torch.Tensor | None]] = {}
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        match = _GGUF_LAYER.match(tensor.name)
-        if match:
-            name = f"model.layers.{match.group(1)}.{_GGUF_TO_HF[match.group(2)]}.weight"
-        elif tensor.name == "token_embd.weight":
-            name = "model.embed_tokens.weight"
-        elif tensor.name == "output.weight":
-            name = "lm_head.weight"
-        else:
-            continue
-        if kind not in _GGUF_STORED:
-            out[name] = (kind, None)
-            continue
-        data = torch.from_numpy(tensor.data.copy())  # (N, row bytes) uint8
-        heads = num_heads if match and match.group(2) == "attn_q" else num_kv_heads
-        if match and match.group(2) in ("attn_q", "attn_k"):
-            # GGUF row r of head h is HF row ... : undo llama.cpp's permute (as transformers does for the floats).
-            n = data.shape[0]
-            half = n // heads // 2
-            data = data.reshape(heads, half, 2, -1).transpose(1, 2).reshape(n, -1).contiguous()
-        out[name] = (kind, data)
+    with open(path, "rb") as stream:
+        for tensor_name, kind, shape, offset in gguf_tensor_table(stream, path):
+            match = _GGUF_LAYER.match(tensor_name)
+            if match:
+                name = f"model.layers.{match.group(1)}.{_GGUF_TO_HF[match.group(2)]}.weight"
+            elif tensor_name == "token_embd.weight":
+                name = "model.embed_tokens.weight"
+            elif tensor_name == "output.weight":
+                name = "lm_head.weight"
+            else:
+                continue
+            if kind not in _GGUF_STORED or len(shape) != 2:
+                out[name] = (kind, None)
+                continue
+            k, n = shape
+            data = torch.empty((n, -(-k // BLOCK) * _BLOCK_BYTES[_GGUF_STORED[kind]]), dtype=torch.uint8)
+            stream.seek(offset)
+            if stream.readinto(data.numpy()) != data.numel():
+                raise ValueError(f"{str(path)!r}: tensor {tensor_name!r} is cut short (a damaged GGUF file)")
+            heads = num_heads if match and match.group(2) == "attn_q" else num_kv_heads
+            if match and match.group(2) in ("attn_q", "attn_k"):
+                # GGUF row r of head h is HF row ... : undo llama.cpp's permute (as transformers does for floats).
+                half = n // heads // 2
+                data = data.reshape(heads, half, 2, -1).transpose(1, 2).reshape(n, -1).contiguous()
+            out[name] = (kind, data)
     return out
+
+
+_GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1"}
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_tensor_table(stream, path="GGUF file") -> list[tuple[str, str, tuple[int, ...], int]]:
+    """The tensor table of a GGUF file (versions 2 and 3) open in ``stream``: (name, ggml type name, shape as
+    GGUF lists it (ne0 = the row length first), absolute byte offset of the data) per tensor.  The metadata is
+    skipped, not parsed (the gguf package's reader builds Python objects for the whole tokenizer: ~180 MB)."""
+    import struct
+
+    def read(fmt: str):
+        size = struct.calcsize("<" + fmt)
+        raw = stream.read(size)
+        if len(raw) != size:
+            raise ValueError(f"{str(path)!r}: the GGUF header is cut short")
+        return struct.unpack("<" + fmt, raw)
+
+    def string() -> str:
+        (length,) = read("Q")
+        return stream.read(length).decode("utf-8", errors="replace")
+
+    def skip_value(kind: int) -> None:
+        if kind == 8:
+            (length,) = read("Q")
+            stream.seek(length, 1)
+        elif kind == 9:
+            inner, count = read("IQ")
+            if inner in _GGUF_SCALARS:
+                stream.seek(struct.calcsize("<" + _GGUF_SCALARS[inner]) * count, 1)
+            else:
+                for _ in range(count):
+                    skip_value(inner)
+        elif kind in _GGUF_SCALARS:
+            stream.seek(struct.calcsize("<" + _GGUF_SCALARS[kind]), 1)
+        else:
+            raise ValueError(f"{str(path)!r}: unknown GGUF metadata type {kind}")
+
+    magic = stream.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{str(path)!r} is not a GGUF file (magic {magic!r})")
+    (version,) = read("I")
+    if version not in (2, 3):
+        raise ValueError(f"{str(path)!r}: GGUF version {version}; expected 2 or 3")
+    n_tensors, n_kv = read("QQ")
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        (kind,) = read("I")
+        if key == "general.alignment" and kind == 4:
+            (alignment,) = read("I")
+        else:
+            skip_value(kind)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        (dims,) = read("I")
+        shape = read("Q" * dims)
+        kind, offset = read("IQ")
+        infos.append((name, _GGML_TYPES.get(kind, f"type{kind}"), tuple(shape), offset))
+    start = -(-stream.tell() // alignment) * alignment
+    return [(name, kind, shape, start + offset) for name, kind, shape, offset in infos]
 
 
 # ---------------------------------------------------------------------------------- whole-model conversion
@@ -429,7 +524,8 @@ def _targets(module: nn.Module, prefix: str = ""):
             yield from _targets(child, f"{name}.")
 
 
-def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | None = None) -> dict[str, str]:
+def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | None = None,
+                   int_dot: bool | None = None, require_gguf: bool = False) -> dict[str, str]:
     """Convert, in place, every nn.Linear of a transformers causal LM's decoder body and its LM head to a
     QuantLinear in format ``fmt`` ("fp32", "bf16", "int8" or "q4"), freeing the float weights.
 
@@ -439,6 +535,10 @@ def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | 
     Q4_1 / Q8_0 tensors are these weights quantized (the default backbone's): for fmt "q4", linears stored as
     Q4_1 and the head stored as Q8_0 are taken from it as stored; any other stored type is quantized from the
     float weight.  Works on a peft model too (a LoRA layer's base layer is replaced, its adapters kept).
+
+    ``int_dot`` (None: ``int_dot_default()``): q4 / q8 layers take the integer dot products at decode
+    (``QuantLinear.int_dot``).  ``require_gguf``: every converted weight must come from ``gguf`` as stored (a
+    backbone built on the meta device has no float weights to quantize).
 
     Returns {parameter name: storage format} of what was converted ("q4 (gguf)" when read from the GGUF).
     """
@@ -462,6 +562,9 @@ def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | 
             q = QuantLinear(k, n, want, blocks, bias=bias)
             report[f"{name}.weight"] = f"{want} (gguf {kind})"
             return q
+        if require_gguf:
+            raise ValueError(f"{name}.weight: the GGUF holds it as {kind or 'nothing'}, not {want}; load the float "
+                             "model and quantize it instead")
         q = from_weight(linear.weight, want, bias)
         report[f"{name}.weight"] = want
         return q
@@ -469,7 +572,8 @@ def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | 
     head = inner.get_output_embeddings()
     embed = inner.get_input_embeddings()
     tied = (isinstance(head, nn.Linear) and isinstance(embed, nn.Embedding)
-            and head.weight.data_ptr() == embed.weight.data_ptr())
+            and (head.weight is embed.weight or (not head.weight.is_meta
+                                                 and head.weight.data_ptr() == embed.weight.data_ptr())))
     body_prefix = next((n for n, m in inner.named_children() if m is inner.base_model), "model")
     for parent, attr, linear, name in list(_targets(inner.base_model, f"{body_prefix}.")):
         setattr(parent, attr, convert(linear, name, fmt))
@@ -484,6 +588,7 @@ def quantize_model(backbone: nn.Module, fmt: str, gguf=None, head_format: str | 
         if tied:
             inner.set_input_embeddings(QuantEmbedding(quant_head, padding_idx=embed.padding_idx))
             report[f"{head_name}.weight"] += " (tied: also the input embedding)"
+    set_int_dot(inner, int_dot_default() if int_dot is None else int_dot)
     inner.hmt_weights = fmt
     return report
 

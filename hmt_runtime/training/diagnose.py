@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = HMTModel.from_pretrained(args.model, kernels="torch")
+    model = HMTModel.from_pretrained(args.model, kernels="torch", weights="fp32")
     ids = tokenize_files([args.data], model.tokenizer)[0][None, : args.max_tokens]
     other = tokenize_files([args.other], model.tokenizer)[0][None, : args.max_tokens]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):

@@ -396,7 +396,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     kernels = args.kernels
     if kernels is None and args.precision == "bf16":
         kernels = "torch"  # the reference ops follow autocast; the fused kernels expect one dtype
-    model = HMTModel.from_pretrained(args.model, kernels=kernels)
+    model = HMTModel.from_pretrained(args.model, kernels=kernels, weights="fp32")
     docs = tokenize_files(args.data, model.tokenizer)
     if args.max_tokens:
         docs = [doc[: args.max_tokens] for doc in docs]

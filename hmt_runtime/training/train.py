@@ -244,7 +244,7 @@ def _ensure_lora(model: HMTModel, lora_rank: int, lora_targets: str) -> None:
 def build_model(config: TrainConfig) -> HMTModel:
     """Load the backbone, wrap it in HMT (warm-started from BOS when asked) and apply the training mode."""
     if config.init_from:
-        model = _scale_recall(HMTModel.from_pretrained(config.init_from), config.recall_init_scale)
+        model = _scale_recall(HMTModel.from_pretrained(config.init_from, weights="fp32"), config.recall_init_scale)
         ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
         # recall_scale has no training option: the checkpoint's own is kept; prompt_recall is this run's
         diff = {k: (theirs.get(k), v) for k, v in ours.items()

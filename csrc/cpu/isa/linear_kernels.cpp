@@ -329,6 +329,158 @@ void run(const LinearArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+// ---- integer dot products (DotArgs, linear_isa.h): one block of 32 is one 256-bit vector of bytes ----------
+
+#if defined(__AVX2__)
+#define HMT_DOT_SIMD 1
+// u (unsigned bytes) . s (signed bytes) -> 8 int32 partial sums, exact for the ranges used here (|u| <= 128,
+// |s| <= 127: maddubs's 16-bit pair sums stay below 2^15).
+HMT_K_INLINE __m256i dot_i32(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+HMT_K_INLINE float hsum8(__m256 v) {
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+#endif
+
+struct DotQ4_1 {
+  static constexpr int64_t kBlockBytes = 20;
+  static constexpr bool kMin = true;
+#ifdef HMT_DOT_SIMD
+  static HMT_K_INLINE __m256i unpack(const uint8_t* block) {  // elements 0..15 low nibbles, 16..31 high
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  }
+  static HMT_K_INLINE __m256i dot(__m256i w, __m256i x) { return dot_i32(w, x); }
+#endif
+  static HMT_K_INLINE int32_t dot_scalar(const uint8_t* block, const int8_t* x) {
+    int32_t s = 0;
+    for (int j = 0; j < 16; ++j) s += (block[4 + j] & 15) * x[j] + (block[4 + j] >> 4) * x[j + 16];
+    return s;
+  }
+};
+
+struct DotQ8_0 {
+  static constexpr int64_t kBlockBytes = 34;
+  static constexpr bool kMin = false;
+#ifdef HMT_DOT_SIMD
+  static HMT_K_INLINE __m256i unpack(const uint8_t* block) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+  }
+  // |w| . (x with w's sign): unsigned by signed, as the instructions need
+  static HMT_K_INLINE __m256i dot(__m256i w, __m256i x) {
+    return dot_i32(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  }
+#endif
+  static HMT_K_INLINE int32_t dot_scalar(const uint8_t* block, const int8_t* x) {
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += static_cast<int8_t>(block[2 + j]) * x[j];
+    return s;
+  }
+};
+
+#if HMT_VEC_FLOATS == 16
+constexpr int kDotNR = 4, kDotMR = 4;  // 32 ymm: 16 accumulators + 4 weight blocks + x
+#else
+constexpr int kDotNR = 4, kDotMR = 2;  // 16 ymm: 8 accumulators + 4 weight blocks + x
+#endif
+
+template <class F, int MR, int NR>
+HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
+  const int64_t blocks = (a.k + 31) / 32;
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = a.w + (n0 + r) * a.row_bytes;
+  const int8_t* xs[MR];
+  const float* dxs[MR];
+  const float* sxs[MR];
+  for (int i = 0; i < MR; ++i) {
+    xs[i] = a.qx + (i0 + i) * a.ldq;
+    dxs[i] = a.dx + (i0 + i) * blocks;
+    sxs[i] = a.sx + (i0 + i) * blocks;
+  }
+  float mins[MR][NR] = {};
+#ifdef HMT_DOT_SIMD
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i w[NR];
+    float dw[NR], mw[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* block = rows[r] + b * F::kBlockBytes;
+      dw[r] = read_half(block);
+      mw[r] = F::kMin ? read_half(block + 2) : 0.0f;
+      w[r] = F::unpack(block);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs[i] + b * 32));
+      const float dxi = dxs[i][b], sxi = sxs[i][b];
+      for (int r = 0; r < NR; ++r) {
+        const __m256 prod = _mm256_cvtepi32_ps(F::dot(w[r], xv));
+        acc[i][r] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dw[r] * dxi), acc[i][r]);
+        if constexpr (F::kMin) mins[i][r] += mw[r] * sxi;
+      }
+    }
+  }
+#else
+  float acc[MR][NR] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* block = rows[r] + b * F::kBlockBytes;
+      const float dw = read_half(block), mw = F::kMin ? read_half(block + 2) : 0.0f;
+      for (int i = 0; i < MR; ++i) {
+        acc[i][r] += static_cast<float>(F::dot_scalar(block, xs[i] + b * 32)) * (dw * dxs[i][b]);
+        if constexpr (F::kMin) mins[i][r] += mw * sxs[i][b];
+      }
+    }
+  }
+#endif
+  for (int i = 0; i < MR; ++i) {
+    float* out = a.y + (i0 + i) * a.ldy + n0;
+    for (int r = 0; r < NR; ++r) {
+#ifdef HMT_DOT_SIMD
+      float s = hsum8(acc[i][r]) + mins[i][r];
+#else
+      float s = acc[i][r] + mins[i][r];
+#endif
+      if (a.bias != nullptr) s += a.bias[n0 + r];
+      out[r] = s;
+    }
+  }
+}
+
+template <class F, int NR>
+void dot_column(const DotArgs& a, int64_t m0, int64_t m1, int64_t n0) {
+  int64_t i = m0;
+  for (; i + kDotMR <= m1; i += kDotMR) dot_tile<F, kDotMR, NR>(a, i, n0);
+  const int64_t rest = m1 - i;
+  if constexpr (kDotMR > 3) {
+    if (rest == 3) return dot_tile<F, 3, NR>(a, i, n0);
+  }
+  if constexpr (kDotMR > 2) {
+    if (rest == 2) return dot_tile<F, 2, NR>(a, i, n0);
+  }
+  if (rest == 1) dot_tile<F, 1, NR>(a, i, n0);
+}
+
+template <class F>
+void dot_run(const DotArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < a.m; m0 += kRowBlock) {
+    const int64_t m1 = m0 + kRowBlock < a.m ? m0 + kRowBlock : a.m;
+    int64_t n = n0;
+    for (; n + kDotNR <= n1; n += kDotNR) dot_column<F, kDotNR>(a, m0, m1, n);
+    for (; n < n1; ++n) dot_column<F, 1>(a, m0, m1, n);
+  }
+}
+
 }  // namespace
 
 void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1) {
@@ -344,6 +496,53 @@ void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1) {
     case WeightFormat::kQ8_0:
       return run<Q8_0>(args, n0, n1);
   }
+}
+
+}  // namespace hmt::cpu::HMT_LINEAR_NS
+
+namespace hmt::cpu::HMT_LINEAR_NS {
+
+void dot_rows(const DotArgs& args, int64_t n0, int64_t n1) {
+  if (args.format == WeightFormat::kQ4_1) return dot_run<DotQ4_1>(args, n0, n1);
+  if (args.format == WeightFormat::kQ8_0) return dot_run<DotQ8_0>(args, n0, n1);
+}
+
+// Rows of x (m, K) -> q (m, ldq) int8 (zero past K), d and s (m, ceil(K / 32)).
+void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, int64_t ldq, float* d, float* s) {
+  const int64_t blocks = (k + 31) / 32;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    int8_t* qi = q + i * ldq;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t start = b * 32, take = k - start < 32 ? k - start : 32;
+      float amax = 0.0f;
+      for (int64_t j = 0; j < take; ++j) {
+        const float v = xi[start + j] < 0 ? -xi[start + j] : xi[start + j];
+        amax = v > amax ? v : amax;
+      }
+      const float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t total = 0;
+      for (int64_t j = 0; j < 32; ++j) {
+        int32_t v = 0;
+        if (j < take) {
+          v = static_cast<int32_t>(__builtin_nearbyintf(xi[start + j] * inv));
+          v = v > 127 ? 127 : (v < -127 ? -127 : v);
+        }
+        qi[start + j] = static_cast<int8_t>(v);
+        total += v;
+      }
+      d[i * blocks + b] = db;
+      s[i * blocks + b] = db * static_cast<float>(total);
+    }
+  }
+}
+
+bool dot_uses_vnni() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace hmt::cpu::HMT_LINEAR_NS
