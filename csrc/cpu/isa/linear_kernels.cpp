@@ -302,30 +302,47 @@ HMT_K_INLINE void tile(const LinearArgs& a, int64_t i0, int64_t n0) {
   }
 }
 
-// Rows m0 .. m1 of x against rows n0 .. n0 + NR of W.
-template <class F, int NR>
+// Rows m0 .. m1 of x against rows n0 .. n0 + NR of W, MR rows of x per tile.
+template <class F, int MR, int NR>
 void tile_column(const LinearArgs& a, int64_t m0, int64_t m1, int64_t n0) {
   int64_t i = m0;
-  for (; i + kMR <= m1; i += kMR) tile<F, kMR, NR>(a, i, n0);
-  const int64_t rest = m1 - i;
-  if constexpr (kMR > 3) {
+  for (; i + MR <= m1; i += MR) tile<F, MR, NR>(a, i, n0);
+  int64_t rest = m1 - i;
+  if constexpr (MR > 4) {
+    if (rest >= 4) {
+      tile<F, 4, NR>(a, i, n0);
+      i += 4;
+      rest -= 4;
+    }
+  }
+  if constexpr (MR > 3) {
     if (rest == 3) return tile<F, 3, NR>(a, i, n0);
   }
-  if constexpr (kMR > 2) {
+  if constexpr (MR > 2) {
     if (rest == 2) return tile<F, 2, NR>(a, i, n0);
   }
-  if constexpr (kMR > 1) {
+  if constexpr (MR > 1) {
     if (rest == 1) return tile<F, 1, NR>(a, i, n0);
   }
 }
+
+#if HMT_VEC_FLOATS == 16
+constexpr int kWideMR = 8, kWideNR = 2;  // from 8 rows of x: each weight vector decoded once for 8 rows
+#else
+constexpr int kWideMR = kMR, kWideNR = kNR;
+#endif
 
 template <class F>
 void run(const LinearArgs& a, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.m; m0 += kRowBlock) {
     const int64_t m1 = m0 + kRowBlock < a.m ? m0 + kRowBlock : a.m;
     int64_t n = n0;
-    for (; n + kNR <= n1; n += kNR) tile_column<F, kNR>(a, m0, m1, n);
-    for (; n < n1; ++n) tile_column<F, 1>(a, m0, m1, n);
+    if (m1 - m0 >= kWideMR && kWideMR != kMR) {
+      for (; n + kWideNR <= n1; n += kWideNR) tile_column<F, kWideMR, kWideNR>(a, m0, m1, n);
+    } else {
+      for (; n + kNR <= n1; n += kNR) tile_column<F, kMR, kNR>(a, m0, m1, n);
+    }
+    for (; n < n1; ++n) tile_column<F, kMR, 1>(a, m0, m1, n);
   }
 }
 
