@@ -47,21 +47,28 @@ def check_eos_token_id(eos_token_id, vocab_size: int | None = None, name: str = 
     return ids
 
 
-def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
-    """Validate token ids: a non-empty (B, S) integer tensor with ids in [0, vocab_size)."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
-        raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {input_ids.dtype}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"{name}: expected shape (batch, seq_len), got {tuple(input_ids.shape)}")
-    if input_ids.numel() == 0:
-        raise ValueError(f"{name}: expected at least one token, got shape {tuple(input_ids.shape)}")
-    low, high = int(input_ids.min()), int(input_ids.max())
+def check_token_ids(ids, vocab_size: int, name: str = "ids", dims: int = 1) -> torch.Tensor:
+    """The one validation of token ids (the forward, ``generate``, the scheduler and the server call it): a
+    non-empty integer tensor of ``dims`` dimensions (1: one prompt (S,), 2: a batch (B, S)) with every id in
+    [0, vocab_size).  Returns it as int64; TypeError / ValueError messages start with ``name``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"{name}: expected an integer tensor (torch.long), got dtype {ids.dtype}")
+    if ids.dim() != dims:
+        shape = "(seq_len,)" if dims == 1 else "(batch, seq_len)"
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name}: empty prompt; expected at least one token, got shape {tuple(ids.shape)}")
+    low, high = (int(v) for v in torch.aminmax(ids))
     if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return input_ids.long()
+        raise ValueError(f"{name}: token id {low if low < 0 else high} is outside the vocabulary [0, {vocab_size})")
+    return ids.long()
+
+
+def check_input_ids(input_ids, vocab_size: int, name: str = "input_ids") -> torch.Tensor:
+    """A batch of token ids (B, S): ``check_token_ids`` with ``dims=2``."""
+    return check_token_ids(input_ids, vocab_size, name, dims=2)
 
 
 def _is_int(value) -> bool:

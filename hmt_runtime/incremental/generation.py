@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
 )
 
 from .backend import check_choices
-from ..core.checks import check_eos_token_id, check_input_ids, check_text
+from ..core.checks import check_eos_token_id, check_input_ids, check_text, check_token_ids
 from ..core.memory import MemoryState
 from .scheduler import Scheduler
 
@@ -187,14 +187,8 @@ def generate(model, prompts, max_new_tokens: int = 32, do_sample: bool = False, 
                  for text in items]
         if eos_token_id is None:
             eos_token_id = tokenizer.eos_token_id
-    vocab = model.vocab_size
-    for i, ids in enumerate(items):
-        if not ids.numel():
-            raise ValueError(f"prompts[{i}]: empty prompt; expected at least one token")
-        low, high = (int(v) for v in torch.aminmax(ids))
-        if low < 0 or high >= vocab:
-            raise ValueError(f"prompts[{i}]: token id {low if low < 0 else high} is outside the vocabulary [0, {vocab})")
-    eos = _eos_set(eos_token_id, vocab)
+    items = [check_token_ids(ids, model.vocab_size, f"prompts[{i}]") for i, ids in enumerate(items)]
+    eos = _eos_set(eos_token_id, model.vocab_size)
     rows = batch_size or min(len(items), DEFAULT_ROWS)
     run = _Run(model, items, max_new_tokens, do_sample, temperature, top_k, top_p, eos, state, progress,
                min(rows, len(items)), engine, cuda_graphs)

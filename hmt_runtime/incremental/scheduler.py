@@ -42,6 +42,7 @@ from .backend import select_backend
 from .engines import make_engine
 from .graphs import CUDAGraphs
 from ..core.memory import MemoryState
+from ..core.checks import check_token_ids
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -138,7 +139,7 @@ class Scheduler:
         if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                          or chunk_tokens < 1):
             raise ValueError(f"chunk_tokens={chunk_tokens!r}: expected None or an integer >= 1")
-        ids = check_ids(ids, self.model.vocab_size)
+        ids = check_token_ids(ids, self.model.vocab_size, "ids")
         if state is not None and state.batch_size != 1:
             raise ValueError(f"state: expected a batch-1 MemoryState, got {state.batch_size} rows")
         try:
@@ -546,18 +547,4 @@ class _Summaries:
         return self.done[i % self.batch : i % self.batch + 1]
 
 
-def check_ids(ids, vocab_size: int) -> torch.Tensor:
-    """ids: a non-empty 1-D integer tensor with values in [0, vocab_size) -> int64."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"ids: expected a 1-D tensor of token ids, got {type(ids).__name__}")
-    if ids.dim() != 1 or ids.numel() == 0:
-        raise ValueError(f"ids: expected a non-empty 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise TypeError(f"ids: expected an integer tensor, got dtype {ids.dtype}")
-    low, high = torch.aminmax(ids)
-    low, high = int(low), int(high)
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return ids.long()
 

@@ -48,6 +48,15 @@ def _register_fakes() -> None:
     def _memory_write_fake(new_memory, w_k, memory, keys, written):
         return None
 
+    if hasattr(torch.ops.hmt, "linear"):  # the weight-only linear layers (hmt_runtime.native.quant)
+        @torch.library.register_fake("hmt::linear")
+        def _linear_fake(x, weight, scale, bias, format):
+            return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+        @torch.library.register_fake("hmt::linear_out")
+        def _linear_out_fake(x, weight, scale, bias, format, out):
+            return None
+
     _fakes_registered = True
 
 

@@ -102,33 +102,19 @@ def bf16_gemm() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _native() -> bool:
-    """Whether torch.ops.hmt.linear is available (loads the extension once)."""
-    try:
-        from . import kernels as native
+    """Whether torch.ops.hmt.linear is available (the extension is loaded once, by ``kernels``)."""
+    from . import kernels as native
 
-        native._extension()
-    except ImportError:
-        return False
-    if not hasattr(torch.ops.hmt, "linear"):
-        return False
-
-    @torch.library.register_fake("hmt::linear")
-    def _linear_fake(x, weight, scale, bias, format):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-    @torch.library.register_fake("hmt::linear_out")
-    def _linear_out_fake(x, weight, scale, bias, format, out):
-        return None
-
-    return True
+    return native.available() and hasattr(torch.ops.hmt, "linear")
 
 
 def _extension():
-    if not _native():
-        raise ImportError("the native extension hmt_runtime._C with torch.ops.hmt.linear is not available; "
-                          "build it with `pip install -e . --no-build-isolation`")
-    import hmt_runtime._C as module
+    from . import kernels as native
 
+    module = native._extension()  # ImportError with the reason when the extension cannot be loaded
+    if not hasattr(torch.ops.hmt, "linear"):
+        raise ImportError("the native extension hmt_runtime._C has no torch.ops.hmt.linear; rebuild it with "
+                          "`pip install -e . --no-build-isolation`")
     return module
 
 

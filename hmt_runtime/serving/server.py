@@ -76,7 +76,7 @@ from transformers import TopPLogitsWarper
 
 from ..incremental.generation import _TextPieces
 from ..core.atomic import clean_partials
-from ..core.checks import check_text
+from ..core.checks import check_text, check_token_ids
 from ..core.config import SERVE_LIMITS
 from ..core.memory import MemoryState
 from ..incremental.scheduler import Scheduler
@@ -1156,14 +1156,16 @@ class Server:
                                 "expected UTF-8 text", param=param) from None
 
     def _check_ids(self, ids: list[int], param: str) -> torch.Tensor:
-        if not ids:
-            raise APIError(400, f"{param}: empty; expected at least one token id", param=param)
+        """Token ids of a request, validated as every entry point does (``check_token_ids``), as a 400."""
         vocab = self.model.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        bad = next((t for t in ids if not -2**63 <= t < 2**63), None)  # beyond int64: refused before conversion
         if bad is not None:
             raise APIError(400, f"{param}: token id {_excerpt(bad)} is outside the vocabulary [0, {vocab})",
                            param=param)
-        return torch.tensor(ids, dtype=torch.long)
+        try:
+            return check_token_ids(torch.tensor(ids, dtype=torch.long), vocab, param)
+        except (TypeError, ValueError) as err:
+            raise APIError(400, str(err), param=param) from None
 
     # ------------------------------------------------------------------------------------------ completions
     def _prompts(self, body, chat: bool) -> list[torch.Tensor]:
