@@ -110,16 +110,17 @@ def test_a_failure_in_one_request_ends_only_that_request(tmp_path, monkeypatch):
     decoded beside it finish normally."""
     from fastapi.testclient import TestClient
 
+    from hmt_runtime.serving import loop
     from hmt_runtime.serving import server as srv
 
-    real = srv._Sequence.advance
+    real = loop._Sequence.advance
 
     def advance(self, piece, final):
         if "BOOM" in self.request.stop and len(self.tokens) == 3:
             raise RuntimeError("injected failure /secret/path")
         return real(self, piece, final)
 
-    monkeypatch.setattr(srv._Sequence, "advance", advance)
+    monkeypatch.setattr(loop._Sequence, "advance", advance)
     server = srv.Server(tiny_model(), rows=4, memory_dir=tmp_path, model_name=NAME)
     with TestClient(server.app) as client:
         results = {}
@@ -356,13 +357,14 @@ def test_a_stream_nobody_reads_is_ended(tmp_path):
     freed, instead of generating up to max_tokens into a buffer."""
     import asyncio
 
+    from hmt_runtime.serving import loop as loop_module
     from hmt_runtime.serving import server as srv
 
     server = srv.Server(tiny_model(), rows=2, memory_dir=tmp_path, model_name=NAME, stall_seconds=0.5)
     engine = server.engine
     loop = asyncio.new_event_loop()
     try:
-        job = srv._Request([torch.tensor([5, 6, 7])], 1, 4000, 0.0, 1.0, [], None, None, server.tokenizer,
+        job = loop_module._Request([torch.tensor([5, 6, 7])], 1, 4000, 0.0, 1.0, [], None, None, server.tokenizer,
                            set(), server.model.device)
         job.loop, job.queue = loop, asyncio.Queue()
         engine.start()
