@@ -15,16 +15,11 @@ import weakref
 from typing import Iterator
 
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from .backend import check_choices
 from ..core.checks import check_eos_token_id, check_input_ids, check_text, check_token_ids
 from ..core.memory import MemoryState
+from .sampling import Sampling
 from .scheduler import Scheduler
 
 
@@ -38,19 +33,6 @@ def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p) -> None
         raise ValueError(f"top_k={top_k!r}: expected None or an integer >= 1")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
-
-
-def _warpers(do_sample, temperature, top_k, top_p) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if not do_sample:
-        return warpers
-    if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p is not None and top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p))
-    return warpers
 
 
 def _eos_set(eos_token_id, vocab_size: int) -> set[int]:
@@ -244,7 +226,8 @@ class _Run:
     def __init__(self, model, items, max_new_tokens, do_sample, temperature, top_k, top_p, eos, state, progress,
                  rows, engine, cuda_graphs, keep_states: bool = False):
         self.model, self.items, self.max_new, self.eos = model, items, max_new_tokens, eos
-        self.do_sample, self.warpers = do_sample, _warpers(do_sample, temperature, top_k, top_p)
+        self.sampling = Sampling(do_sample, temperature, top_k, top_p)
+        self.warpers = self.sampling.warpers()
         self.state, self.progress = state, progress
         self.rows, self.engine, self.cuda_graphs = rows, engine, cuda_graphs
         self.outputs: list[list[int]] = [[] for _ in items]
@@ -286,7 +269,7 @@ class _Run:
                         owner[row] = index
                 if not owner:
                     continue
-                sched.pick(self.do_sample, self.warpers)
+                sched.pick(self.sampling, self.warpers)
                 chosen = sched.tokens[: max(owner) + 1].tolist()  # the one host read of a step
                 new: dict[int, list[int]] = {}
                 self.finished_now = set()

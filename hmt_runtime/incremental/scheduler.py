@@ -43,6 +43,7 @@ from .engines import make_engine
 from .graphs import CUDAGraphs
 from ..core.memory import MemoryState
 from ..core.checks import check_token_ids
+from .sampling import Sampling, choose
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -397,20 +398,14 @@ class Scheduler:
         return _Summaries(self, queries) if len(queries) >= 2 else None
 
     # ------------------------------------------------------------------------------------------ decoding
-    def pick(self, do_sample: bool = False, warpers=None) -> None:
-        """Choose the next token of every row from ``logits`` into ``tokens`` (greedy, or sampled with the
-        transformers logits warpers); rows that are not live get a scratch token."""
+    def pick(self, sampling: Sampling | None = None, warpers=None) -> None:
+        """Choose the next token of every row from ``logits`` into ``tokens`` (``sampling.choose``: greedy by
+        default; ``warpers``: ``sampling.warpers()`` built once by the caller); rows that are not live get a
+        scratch token."""
         batch = max(self.live_rows(), default=-1) + 1
         if batch == 0:
             return
-        scores = self.logits[:batch]
-        if not do_sample:
-            torch.argmax(scores, dim=-1, out=self.tokens[:batch])
-            return
-        scores = scores.float()
-        if warpers:
-            scores = warpers(None, scores)
-        self.tokens[:batch] = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
+        self.tokens[:batch] = choose(self.logits[:batch], sampling or Sampling(), warpers=warpers)
 
     def step(self, on_error: Callable[[int, BaseException], None] | None = None) -> None:
         """Feed ``tokens[b]`` to every live row b: start events, one batched decode step, then refresh / close

@@ -15,12 +15,12 @@ from collections import deque
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from transformers import TopPLogitsWarper
 
 from ..incremental.generation import _TextPieces
 from ..core.memory import MemoryState
 from ..incremental.scheduler import Scheduler
-from .protocol import APIError, MIN_TEMPERATURE, QueueFull, RATE_WINDOW_S, log
+from ..incremental.sampling import Sampling, choose
+from .protocol import APIError, QueueFull, RATE_WINDOW_S, log
 from .store import MemoryStore
 
 
@@ -73,7 +73,8 @@ class _Request:
         self.max_tokens, self.temperature, self.top_p, self.stop = max_tokens, temperature, top_p, stop
         self.state, self.tokenizer, self.eos, self.device = state, tokenizer, eos, device
         self.document = document
-        self.warper = TopPLogitsWarper(top_p) if temperature > 0 and top_p < 1 else None
+        self.sampling = Sampling(do_sample=temperature > 0, temperature=temperature, top_p=top_p)
+        self.warpers = self.sampling.warpers()
         base = seed if seed is not None else secrets.randbits(63)
         self.sequences = [_Sequence(self, p * n + j, ids, base + 0x9E3779B97F4A7C15 * (p * n + j))
                           for p, ids in enumerate(prompts) for j in range(n)]
@@ -344,22 +345,6 @@ class RequestLoop:
         self._owner.pop(row, None)
         self.sched.release(row)
 
-    def _sample(self, scores: torch.Tensor, seq: _Sequence) -> torch.Tensor:
-        """A draw from one row's logits (V,) with the request's temperature and top_p, safe for every accepted
-        value: in float32 with the maximum subtracted, a temperature of at least MIN_TEMPERATURE, and the argmax
-        when the probabilities are not a distribution (NaN or infinite logits).  No host sync."""
-        request = seq.request
-        scores = scores.float()[None]
-        scores = (scores - scores.max()) / max(request.temperature, MIN_TEMPERATURE)
-        if request.warper is not None:
-            scores = request.warper(None, scores)
-        probs = torch.softmax(scores, dim=-1)
-        usable = torch.isfinite(probs).all() & (probs.sum() > 0)
-        best = torch.nan_to_num(scores, nan=-float("inf")).argmax(-1, keepdim=True)
-        greedy = torch.zeros_like(probs).scatter_(1, best, 1.0)
-        probs = torch.where(usable, torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0), greedy)
-        return torch.multinomial(probs, 1, generator=seq.generator)[0, 0]
-
     def _choose(self, batch: int) -> list[int]:
         """Next token of rows [0, batch): argmax for greedy rows, a draw from the row's own generator otherwise.
         A row whose sampling fails ends its request alone."""
@@ -369,7 +354,8 @@ class RequestLoop:
             if seq.generator is None or row not in self._owner:
                 continue
             try:
-                chosen[row] = self._sample(logits[row], seq)
+                request = seq.request
+                chosen[row] = choose(logits[row : row + 1], request.sampling, seq.generator, request.warpers)[0]
             except Exception:
                 log.exception("request %s: sampling failed", seq.request.id)
                 self._error(seq.request, _internal("sampling"))

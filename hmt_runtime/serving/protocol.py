@@ -22,7 +22,6 @@ MAX_STOP = 4  # stop strings per request, as in the OpenAI API
 RATE_WINDOW_S = 10.0  # the tokens/s gauge averages over this many seconds
 DISCONNECT_CHECK_S = 0.2  # how often a non-streamed request checks that its client is still there
 EXCERPT = 40  # characters of a client's input quoted in an error message
-MIN_TEMPERATURE = 1e-6  # smaller temperatures sample as this one (greedy in effect; float32 stays finite)
 LIMITS = SERVE_LIMITS  # the defaults of the limit flags (see the module docstring)
 
 
