@@ -271,7 +271,7 @@ class HMTModel(nn.Module):
         return torch.cat(parts, dim=1)
 
     # ----------------------------------------------------------------------------------------- forward
-    def iter_segments(self, input_ids: torch.Tensor, use_recall: bool = True, prompt_end=None):
+    def iter_segments(self, input_ids: torch.Tensor, use_recall: bool = True, prompt_end=None, recall_hook=None):
         """Teacher-forced pass over ``input_ids`` (B, S), one segment at a time.
 
         Yields ``(start, hidden, memory)``: the segment's first token index, the final hidden states of its
@@ -279,6 +279,8 @@ class HMTModel(nn.Module):
         the memory cache (no detach).  ``use_recall=False`` is training stage 1: segment n gets M_{n-1}.
         ``prompt_end`` (B,) int64 or None: where each row's prompt ends (``forward``); with
         ``config.prompt_recall`` the segment it falls in recalls with the prompt's last j ids.
+        ``recall_hook(summary (B, d), cache (B, n, d), keys (B, n, d_h)) -> P (B, d)``: replaces the recall of
+        every segment after the first (``hmt_runtime.training.diagnose`` measures variants of recall with it).
         """
         cfg = self.config
         batch, length = input_ids.shape
@@ -303,7 +305,10 @@ class HMTModel(nn.Module):
                 cache = torch.stack(memories[-cfg.memory_slots :], dim=1)  # (B, n', d), the newest N
                 keys = self.recall.w_k(cache)
                 written = torch.full((batch,), cache.shape[1], dtype=torch.long, device=input_ids.device)
-                recalled = self.recall_memory(summary, cache, keys, written, ops)
+                if recall_hook is not None:
+                    recalled = recall_hook(summary, cache, keys)
+                else:
+                    recalled = self.recall_memory(summary, cache, keys, written, ops)
             hidden = self.run_backbone(self.segment_embeddings(recalled, sensory, tokens))
             n_sensory = 0 if sensory is None else sensory.shape[1]
             memory = self.memory_embedding(hidden[:, -1])

@@ -31,49 +31,43 @@ VARIANTS = ("recall", "no-recall", "uniform", "foreign", "init-only")
 
 def _stream(model: HMTModel, ids: torch.Tensor, variant: str, foreign: list[torch.Tensor] | None = None,
             stats: dict | None = None) -> float:
-    """NLL sum of ids (1, S) tokens 1..S-1 with the memory input chosen by ``variant``; fills ``stats``."""
-    cfg = model.config
-    memories: list[torch.Tensor] = []
-    sensory = None
-    total = 0.0
-    length = ids.shape[1]
-    for n, start in enumerate(range(0, length, cfg.segment_tokens)):
-        tokens = ids[:, start : start + cfg.segment_tokens]
-        if not memories or variant == "init-only":
-            recalled = model.memory_init.expand(1, -1)
-        elif variant == "no-recall":
-            recalled = memories[-1]
-        else:
-            cache = torch.stack(memories[-cfg.memory_slots :], dim=1)
-            if variant == "foreign":
-                cache = torch.stack(foreign[: cache.shape[1]], dim=1)
-            summary = model.summarize(ids[:, start - cfg.summary_tokens : start])
-            query = model.recall.w_q(summary)
+    """NLL sum of ids (1, S) tokens 1..S-1 with the memory input chosen by ``variant``; fills ``stats``.
+
+    The model's own segment loop (``HMTModel.iter_segments``) runs every variant: "no-recall" is its stage-1
+    mode, the others replace its recall through ``recall_hook``."""
+    scale = model.recall_scale  # None: 1 / sqrt(d_h)
+
+    def hook(summary, cache, keys):
+        if variant == "init-only":
+            return model.memory_init.expand(cache.shape[0], -1)
+        if variant == "foreign":
+            cache = torch.stack(foreign[: cache.shape[1]], dim=1)
             keys = model.recall.w_k(cache)
-            scores = torch.einsum("bh,bnh->bn", query, keys)
-            scale = model.recall_scale  # None: 1 / sqrt(d_h)
-            scores = scores / math.sqrt(keys.shape[-1]) if scale is None else scores * scale
-            weights = torch.softmax(scores.float(), dim=-1)
-            if variant == "uniform":
-                weights = torch.full_like(weights, 1.0 / weights.shape[1])
-            recalled = torch.einsum("bn,bnd->bd", weights.to(cache.dtype), cache)
-            if stats is not None and variant == "recall" and cache.shape[1] > 1:
-                p = weights[0].double()
-                stats.setdefault("entropy", []).append(float(-(p * p.clamp_min(1e-30).log()).sum()))
-                stats.setdefault("log_n", []).append(math.log(p.numel()))
-                stats.setdefault("max_weight", []).append(float(p.max()))
-                stats.setdefault("score_std", []).append(float(scores.float().std()))
-                stats.setdefault("p_vs_newest_cos", []).append(
-                    float(F.cosine_similarity(recalled.float(), memories[-1].float())[0]))
-        hidden = model.run_backbone(model.segment_embeddings(recalled, sensory, tokens))
-        n_sensory = 0 if sensory is None else sensory.shape[1]
-        out = hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]]
-        logits = model.lm_logits(out.float())[0]
-        targets = ids[0, start + 1 : start + 1 + tokens.shape[1]]
+        scores = torch.einsum("bh,bnh->bn", model.recall.w_q(summary), keys)
+        scores = scores / math.sqrt(keys.shape[-1]) if scale is None else scores * scale
+        weights = torch.softmax(scores.float(), dim=-1)
+        if variant == "uniform":
+            weights = torch.full_like(weights, 1.0 / weights.shape[1])
+        recalled = torch.einsum("bn,bnd->bd", weights.to(cache.dtype), cache)
+        if stats is not None and variant == "recall" and cache.shape[1] > 1:
+            p = weights[0].double()
+            stats.setdefault("entropy", []).append(float(-(p * p.clamp_min(1e-30).log()).sum()))
+            stats.setdefault("log_n", []).append(math.log(p.numel()))
+            stats.setdefault("max_weight", []).append(float(p.max()))
+            stats.setdefault("score_std", []).append(float(scores.float().std()))
+            stats.setdefault("p_vs_newest_cos", []).append(
+                float(F.cosine_similarity(recalled.float(), cache[:, -1].float())[0]))
+        return recalled
+
+    total = 0.0
+    memories = []
+    segments = model.iter_segments(ids, use_recall=variant != "no-recall",
+                                   recall_hook=None if variant == "no-recall" else hook)
+    for start, hidden, memory in segments:
+        logits = model.lm_logits(hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden)[0]
+        targets = ids[0, start + 1 : start + 1 + hidden.shape[1]]
         total += float(F.cross_entropy(logits[: targets.numel()].double(), targets, reduction="sum"))
-        memories.append(model.memory_embedding(hidden[:, -1]))
-        if cfg.sensory_tokens:
-            sensory = tokens[:, -cfg.sensory_tokens :]
+        memories.append(memory)
     if stats is not None and variant == "recall":
         stats["memories"] = torch.cat(memories).float()
     return total
