@@ -20,7 +20,7 @@ namespace hmt::cpu {
 WeightFormat parse_weight_format(const std::string& name, bool* int_dot = nullptr);
 
 // A checked weight: what the kernels need besides x and y.  Build it once per layer (pack_linear), then call
-// linear_run from inside a caller's parallel region or linear_parallel to use torch's pool.
+// linear_parallel (which uses torch's pool, or the calling thread inside a parallel region).
 struct PackedLinear {
   WeightFormat format;
   const uint8_t* w;

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 
 import torch
@@ -179,3 +180,52 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@torch.no_grad()
+def memory_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int = 300) -> dict:
+    """Does a memory embedding hold what its segment read?  Pass-key prompts of one segment (``retrieval``,
+    validation phrasings, keys of digits, the key anywhere in the segment) are run through the model; a linear
+    classifier (softmax regression, L2) is fitted on the first 3/4 of the memories M_0 to predict the key's
+    first digit and scored on the rest (chance 10%).  The same probe on the mean of the segment's input
+    embeddings says whether the digit can be read from the tokens at all by so simple a readout."""
+    from . import retrieval
+
+    rng = random.Random(seed)
+    ls = model.config.segment_tokens
+    rows, labels = [], []
+    while len(rows) < samples:
+        sample = retrieval.build(model.tokenizer, "passkey", ls + 8, rng.uniform(0.05, 0.8), rng, "valid")
+        if sample.ids.numel() < ls or not sample.answer.strip()[:1].isdigit():
+            continue
+        if sample.needle_at >= ls - 16:
+            continue
+        rows.append(sample.ids[:ls])
+        labels.append(int(sample.answer.strip()[0]))
+    ids = torch.stack(rows)
+    y = torch.tensor(labels)
+    memories, inputs = [], []
+    for start in range(0, samples, 16):
+        chunk = ids[start : start + 16]
+        memories.append(model(chunk).memories[:, 0].double())
+        inputs.append(model.embed(chunk).double().mean(1))
+
+    def fit(features: torch.Tensor) -> tuple[float, float]:
+        features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+        cut = samples * 3 // 4
+        weight = torch.zeros(features.shape[1], 10, dtype=torch.double, requires_grad=True)
+        bias = torch.zeros(10, dtype=torch.double, requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(features[:cut] @ weight + bias, y[:cut]) + 1e-3 * weight.pow(2).sum()
+                loss.backward()
+                optimizer.step()
+        pred = (features @ weight + bias).argmax(-1)
+        return float((pred[:cut] == y[:cut]).double().mean()), float((pred[cut:] == y[cut:]).double().mean())
+
+    train_acc, test_acc = fit(torch.cat(memories))
+    input_train, input_test = fit(torch.cat(inputs))
+    return {"samples": samples, "chance": 0.1, "memory_train_acc": train_acc, "memory_test_acc": test_acc,
+            "input_mean_train_acc": input_train, "input_mean_test_acc": input_test}
