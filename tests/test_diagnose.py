@@ -24,3 +24,31 @@ def test_diagnosis_streams_equal_the_forward(recall):
         others = [_stream(model, ids, v, foreign=list(stats["memories"].double()[:, None].flip(0)))
                   for v in ("uniform", "foreign", "init-only")]
         assert len({round(v, 6) for v in others}) == 3  # each variant changes what is recalled
+
+
+class CharTokenizer:
+    """One id per character (ids 1..96 for printable ASCII), decodable."""
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": [1 + (ord(c) - 31) % (VOCAB - 1) for c in text]})()
+
+    def decode(self, ids):
+        return "".join(chr(31 + i - 1) for i in ids)
+
+
+def test_memory_use_scores_the_answer_as_the_forward_does():
+    from hmt_runtime.training import diagnose, retrieval
+
+    model = make_model("llama", "causal", seed=4, segment=200, sensory=3, summary=8, prompt_recall=True)
+    model.tokenizer = CharTokenizer()
+    out = diagnose.memory_use(model, batches=1, batch=3, segments=2, seed=7)
+    import random
+
+    ids, prompt_end, labels = retrieval.training_batch(model.tokenizer, [], 3, model.config, 2, random.Random(7),
+                                                       tasks=("passkey",), split="valid")
+    with torch.no_grad():
+        logits = model(ids, prompt_end=prompt_end).logits[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert out["answer_ce_own"] == pytest.approx(float(ce), rel=1e-9)
+    assert out["answer_ce_other"] != out["answer_ce_own"] and out["answer_ce_none"] != out["answer_ce_own"]

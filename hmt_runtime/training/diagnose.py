@@ -229,3 +229,37 @@ def memory_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int 
     input_train, input_test = fit(torch.cat(inputs))
     return {"samples": samples, "chance": 0.1, "memory_train_acc": train_acc, "memory_test_acc": test_acc,
             "input_mean_train_acc": input_train, "input_mean_test_acc": input_test}
+
+
+@torch.no_grad()
+def memory_use(model: HMTModel, batches: int = 4, batch: int = 8, segments: int = 2, seed: int = 0,
+               task: str = "passkey") -> dict:
+    """Does the model read what memory holds?  Answer cross-entropy (per answer token, teacher-forced) on
+    retrieval prompts of ``segments`` segments (validation phrasings; the answer only in memory), with each
+    prompt's own memories ("own"), with the memories of another prompt of the batch ("other": the cache rolled
+    by one row) and with M_init in place of every recall ("none").  own < other means the memory's content is
+    used; own = other = none means it is not."""
+    from . import retrieval
+
+    rng = random.Random(seed)
+    totals = {"own": 0.0, "other": 0.0, "none": 0.0}
+    count = 0
+    for _ in range(batches):
+        ids, prompt_end, labels = retrieval.training_batch(model.tokenizer, [], batch, model.config, segments, rng,
+                                                           tasks=(task,), split="valid")
+        hooks = {"own": None,
+                 "other": lambda s, c, k: model.recall_memory(s, c.roll(1, 0), k.roll(1, 0),
+                                                              torch.full((c.shape[0],), c.shape[1])),
+                 "none": lambda s, c, k: model.memory_init.expand(c.shape[0], -1)}
+        for name, hook in hooks.items():
+            pieces = []
+            for start, hidden, _ in model.iter_segments(ids, prompt_end=prompt_end, recall_hook=hook):
+                pieces.append(hidden)
+            hidden = torch.cat(pieces, dim=1)
+            logits = model.lm_logits(hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden)
+            logits = logits[:, :-1]
+            target = labels[:, 1:]
+            totals[name] += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), target.reshape(-1),
+                                                  ignore_index=-100, reduction="sum"))
+        count += int((labels != -100).sum())
+    return {f"answer_ce_{k}": v / count for k, v in totals.items()} | {"answer_tokens": count, "segments": segments}

@@ -226,8 +226,8 @@ def answered(logits: torch.Tensor, sample: Sample) -> bool:
 
 
 def training_batch(tokenizer, prose: list[torch.Tensor], batch: int, cfg, segments: int, rng: random.Random,
-                   tasks=TASKS):
-    """A batch of ``split="train"`` samples whose answer lies only in memory: (ids (B, S), prompt_end (B,),
+                   tasks=TASKS, split: str = "train"):
+    """A batch of ``split`` samples whose answer lies only in memory: (ids (B, S), prompt_end (B,),
     labels (B, S) = the answer ids, -100 elsewhere).
 
     Every prompt spans ``segments`` segments of ``cfg`` (Ls = cfg.segment_tokens) and ends inside the last one;
@@ -239,7 +239,7 @@ def training_batch(tokenizer, prose: list[torch.Tensor], batch: int, cfg, segmen
     low = min(24, ls - 1)
     tail = rng.randint(low, max(low, ls - ANSWER_ROOM))  # the answer usually ends in the same segment
     length = (segments - 1) * ls + tail
-    rows = [build(tokenizer, rng.choice(tasks), length, rng.random(), rng, "train", prose, gap=tail + k + 2)
+    rows = [build(tokenizer, rng.choice(tasks), length, rng.random(), rng, split, prose, gap=tail + k + 2)
             for _ in range(batch)]
     width = max(r.ids.numel() for r in rows)
     pad = getattr(tokenizer, "eos_token_id", None) or 0
