@@ -52,3 +52,17 @@ def test_memory_use_scores_the_answer_as_the_forward_does():
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert out["answer_ce_own"] == pytest.approx(float(ce), rel=1e-9)
     assert out["answer_ce_other"] != out["answer_ce_own"] and out["answer_ce_none"] != out["answer_ce_own"]
+
+
+def test_attention_on_memory_reads_the_backbones_attention():
+    from hmt_runtime.training import diagnose
+
+    model = make_model("llama", "causal", seed=4, segment=200, sensory=3, summary=8).float()
+    model.tokenizer = CharTokenizer()
+    model.backbone.config.bos_token_id = 1
+    out = diagnose.attention_on_memory(model, batch=2)
+    assert 0.0 < out["on_memory"] < 1.0 and 0.0 < out["on_first_sensory"] < 1.0
+    assert len(out["on_memory_per_layer"]) == model.backbone.config.num_hidden_layers
+    moved = diagnose.attention_on_memory(model, batch=2, read_bias=0.0)  # position 0 is then E(BOS) alone
+    assert moved["on_memory"] != out["on_memory"]
+    assert model.backbone.config._attn_implementation != "eager"  # restored

@@ -119,3 +119,59 @@ def test_training_switches_a_hidden_checkpoint_to_the_input_scale(tmp_path):
     assert saved["hmt"]["memory_scale"] == "input"
     with pytest.raises(ValueError, match="memory_scale='big'"):
         TrainConfig(output_dir=str(tmp_path / "x"), memory_scale="big")
+
+
+# ------------------------------------------------------------------ memory read at the attention sink
+def sink_read_model(family="llama", recall="causal", seed=3, **kw):
+    model = make_model(family, recall, seed=seed, memory_read="sink", **kw)
+    with torch.no_grad():  # a gain that is not one number, so that a missed or doubled transform shows
+        model.memory_read_gain.uniform_(0.05, 2.0, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_the_first_position_holds_bos_plus_the_gain_times_p():
+    model = sink_read_model()
+    p = torch.randn(2, model.width, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (2, 4))
+    embeds = model.segment_embeddings(p, ids[:, :2], ids[:, 2:])
+    bos = model.embed(torch.tensor([[1]]))[0, 0]
+    assert torch.allclose(embeds[:, 0], bos + model.memory_read_gain[0] * p, rtol=0, atol=1e-12)
+    assert torch.equal(embeds[:, -1], p)  # the trailing position (which writes M_n) holds P itself
+    assert torch.allclose(make_model("llama", seed=3, memory_read="sink").memory_read_gain,
+                          torch.full((1, model.width), 0.05, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sink_read_generation_equals_the_forward(family):
+    model = sink_read_model(family, memory_scale="input")
+    new = 2 * SEGMENT + 3
+    out = generate(model, mixed_prompts(), max_new_tokens=new)
+    for prompt, tokens in zip(mixed_prompts(), out):
+        assert tokens == forward_greedy(model, prompt, new)
+
+
+def test_sink_read_scheduler_logits_and_checkpoints(tmp_path):
+    model = sink_read_model("llama", "paper", prompt_recall=True)
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, VOCAB, (4 * SEGMENT + 2,), generator=gen)
+    prompt = ids[: 3 * SEGMENT + 1]
+    with torch.no_grad():
+        expected = model(ids[None], prompt_end=len(prompt)).logits[0]
+    sched = Scheduler(model, rows=1)
+    row = sched.add(prompt)
+    first_later = (len(prompt) // SEGMENT + 1) * SEGMENT
+    for i in range(len(prompt), ids.shape[0]):
+        if i <= first_later or (i - 1) % SEGMENT >= 3:
+            assert torch.allclose(sched.logits[row], expected[i - 1], rtol=0, atol=1e-9), i
+        sched.tokens[row] = ids[i]
+        sched.step()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone("llama", 3)).double().eval()
+    assert loaded.config.memory_read == "sink" and torch.equal(loaded.memory_read_gain, model.memory_read_gain)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[None]).logits, model(ids[None]).logits)
+    old = model.config.to_dict()
+    del old["memory_read"]
+    assert HMTConfig.from_dict(old).memory_read == "direct"
+    with pytest.raises(ValueError, match="memory_read='bos'"):
+        HMTConfig(memory_read="bos")

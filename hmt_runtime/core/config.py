@@ -12,10 +12,11 @@ from .ops import RECALL_SCALES
 
 RECALL_MODES = ("paper", "causal")
 MEMORY_SCALES = ("hidden", "input")
+MEMORY_READS = ("direct", "sink")
 DEFAULT_RECALL = "paper"  # HMTConfig.recall, and `hmt generate|serve --recall` for a fresh HMT
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")  # which kernels run the HMT ops (HMTConfig.kernels)
 # Fields added after the first checkpoints, and the value a config saved without them means.
-SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False, "memory_scale": "hidden"}
+SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False, "memory_scale": "hidden", "memory_read": "direct"}
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -44,6 +45,10 @@ class HMTConfig:
         checkpoints that do not record the field) or "input" (M_n is that state RMS-normalised and multiplied by a
         learned gain ``memory_gain`` (d,) that starts at the token embeddings' RMS, so that memories enter the
         backbone at the scale of the tokens beside them: docs/spec.md "Memory at the input scale").
+    memory_read: "direct" (the segment's first position holds P, the paper's rule and that of checkpoints that
+        do not record the field) or "sink" (it holds E(BOS) + g * P, g = ``memory_read_gain`` (1, d), learned,
+        starting at 0.05: the position stays the attention sink the backbone was trained with, so P is read;
+        docs/spec.md "Reading memory at the attention sink").  The trailing position holds P either way.
     """
 
     segment_tokens: int = 222
@@ -56,6 +61,7 @@ class HMTConfig:
     recall_scale: str = "sqrt"
     prompt_recall: bool = False
     memory_scale: str = "hidden"
+    memory_read: str = "direct"
     window: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +91,8 @@ class HMTConfig:
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         if self.memory_scale not in MEMORY_SCALES:
             raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES}")
+        if self.memory_read not in MEMORY_READS:
+            raise ValueError(f"memory_read={self.memory_read!r}: expected one of {MEMORY_READS}")
         self.window = self.segment_tokens + self.sensory_tokens + 2
 
     @classmethod
@@ -134,6 +142,7 @@ class HMTConfig:
             + (f", scores / d_h (recall_scale {self.recall_scale!r})" if self.recall_scale != "sqrt" else "")
             + ("; recall at the end of a prompt" if self.prompt_recall else "")
             + ("; memories at the input scale" if self.memory_scale == "input" else "")
+            + ("; memory read at the attention sink" if self.memory_read == "sink" else "")
             + f"; kernels {self.kernels!r}"
         )
 

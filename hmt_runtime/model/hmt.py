@@ -31,7 +31,7 @@ from .loading import default_weights, load_backbone
 from ..core.atomic import staged_dir
 from ..core.checks import check_finite, check_input_ids, checksum_metadata, verify_checksums
 from ..incremental.backend import model_ops
-from ..core.config import MEMORY_SCALES, HMTConfig
+from ..core.config import MEMORY_READS, MEMORY_SCALES, HMTConfig
 from ..core.ops import TORCH_OPS, Ops, recall_scale_factor
 
 CONFIG_NAME = "hmt_config.json"
@@ -41,6 +41,7 @@ BACKBONE_DIR = "backbone"
 FORMAT = "hmt-checkpoint"
 CHECKPOINT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BACKBONE_DIR)  # what a checkpoint folder holds
 MEMORY_EPS = 1e-6  # the RMS normalisation of memory_scale="input"
+MEMORY_READ_GAIN = 0.05  # the start of memory_read_gain (memory_read="sink")
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
@@ -149,6 +150,8 @@ class HMTModel(nn.Module):
         self.recall = Recall(width, config.recall_dim).to(device=device, dtype=dtype)
         self.memory_gain = None
         self.set_memory_scale(config.memory_scale)
+        self.memory_read_gain = None
+        self.set_memory_read(config.memory_read)
         # the backbone's own attention (restored for the torch ops) and the ops resolved per (device, kernels)
         self.base_attn_implementation = getattr(inner.config, "_attn_implementation", None)
         self.resolved_ops: dict[tuple[str, str], Ops] = {}
@@ -197,6 +200,29 @@ class HMTModel(nn.Module):
         elif self.memory_gain is None:
             self.memory_gain = nn.Parameter(torch.full((1, self.width), self.embedding_rms, dtype=self.dtype,
                                                        device=self.device))
+
+    def set_memory_read(self, memory_read: str) -> None:
+        """Switch ``config.memory_read``; "sink" gives the model a ``memory_read_gain`` (1, d) starting at
+        ``MEMORY_READ_GAIN`` (kept if it has one), "direct" removes it."""
+        if memory_read not in MEMORY_READS:
+            raise ValueError(f"memory_read={memory_read!r}: expected one of {MEMORY_READS}")
+        if memory_read == "sink" and getattr(backbones.unwrap(self.backbone).config, "bos_token_id", None) is None:
+            raise ValueError("memory_read='sink': the backbone has no bos_token_id (the sink's embedding)")
+        self.config.memory_read = memory_read
+        if memory_read == "direct":
+            self.memory_read_gain = None
+        elif self.memory_read_gain is None:
+            self.memory_read_gain = nn.Parameter(torch.full((1, self.width), MEMORY_READ_GAIN, dtype=self.dtype,
+                                                            device=self.device))
+
+    def memory_input(self, recalled: torch.Tensor) -> torch.Tensor:
+        """What a segment's first position holds for its recalled P (B, d): P itself, or with
+        ``memory_read="sink"`` E(BOS) + memory_read_gain * P (docs/spec.md)."""
+        if self.memory_read_gain is None:
+            return recalled
+        bos = backbones.unwrap(self.backbone).config.bos_token_id
+        sink = self.embed(torch.tensor([[bos]], device=recalled.device))[0].to(recalled.dtype)
+        return sink + self.memory_read_gain.to(recalled.dtype) * recalled
 
     def memory_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
         """M_n from the final hidden state at a segment's trailing P: hidden (B, d) -> (B, d) (spec step 4;
@@ -259,9 +285,10 @@ class HMTModel(nn.Module):
     def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
         """Spec step 3: [P ; E(sensory) ; E(x) ; P] -> (B, 1 + k' + L + trailing, d).
 
-        recalled: (B, d); sensory_ids: (B, k') or None; segment_ids: (B, L) (L may be 0)."""
+        recalled: (B, d); sensory_ids: (B, k') or None; segment_ids: (B, L) (L may be 0).  The first position
+        holds ``memory_input(P)`` (P itself unless ``memory_read="sink"``), the trailing one P."""
         p = recalled[:, None, :]
-        parts = [p]
+        parts = [self.memory_input(recalled)[:, None, :]]
         if sensory_ids is not None and sensory_ids.shape[1]:
             parts.append(self.embed(sensory_ids))
         if segment_ids.shape[1]:
@@ -406,7 +433,7 @@ class HMTModel(nn.Module):
     def hmt_parameters(self) -> list[nn.Parameter]:
         """The HMT parameters (T, M_init, W_q, W_k and, when present, the memory gain): what ``hmt_state_dict``
         saves."""
-        gain = [self.memory_gain] if self.memory_gain is not None else []
+        gain = [g for g in (self.memory_gain, self.memory_read_gain) if g is not None]
         return [self.summary_prompt, self.memory_init, *self.recall.parameters(), *gain]
 
     def hmt_state_dict(self) -> dict[str, torch.Tensor]:
@@ -416,6 +443,7 @@ class HMTModel(nn.Module):
             "recall.w_q.weight": self.recall.w_q.weight.detach(),
             "recall.w_k.weight": self.recall.w_k.weight.detach(),
             **({"memory_gain": self.memory_gain.detach()} if self.memory_gain is not None else {}),
+            **({"memory_read_gain": self.memory_read_gain.detach()} if self.memory_read_gain is not None else {}),
         }
 
     def backbone_identity(self) -> dict:

@@ -263,3 +263,35 @@ def memory_use(model: HMTModel, batches: int = 4, batch: int = 8, segments: int 
                                                   ignore_index=-100, reduction="sum"))
         count += int((labels != -100).sum())
     return {f"answer_ce_{k}": v / count for k, v in totals.items()} | {"answer_tokens": count, "segments": segments}
+
+
+@torch.no_grad()
+def attention_on_memory(model: HMTModel, batch: int = 4, seed: int = 0, read_bias: float | None = None) -> dict:
+    """How much attention the second segment of a 2-segment pass-key prompt pays to P, its position 0 (the
+    recalled memory), and to its position 1 (the first sensory token): means over layers, heads, rows and the
+    queries from position 40 on, from the backbone's eager attention.  ``read_bias`` s: position 0 holds
+    E(BOS) + s P instead of P (what a sink-compatible read of memory would feed)."""
+    from . import retrieval
+    from ..core import backbones
+
+    rng = random.Random(seed)
+    ids, _, _ = retrieval.training_batch(model.tokenizer, [], batch, model.config, 2, rng, tasks=("passkey",),
+                                         split="valid")
+    ls, k = model.config.segment_tokens, model.config.sensory_tokens
+    memory = model(ids[:, :ls]).memories[:, 0]
+    embeds = model.segment_embeddings(memory, ids[:, ls - k : ls] if k else None, ids[:, ls:], trailing=False)
+    inner = backbones.unwrap(model.backbone)
+    if read_bias is not None:
+        bos = model.embed(torch.tensor([[inner.config.bos_token_id]], device=model.device))[0, 0]
+        embeds[:, 0] = embeds[:, 0] * read_bias + bos
+    previous = inner.config._attn_implementation
+    inner.set_attn_implementation("eager")
+    try:
+        body = backbones.decoder_body(model.backbone)
+        positions = torch.arange(embeds.shape[1], device=model.device)[None].expand(embeds.shape[0], -1)
+        attentions = torch.stack(body(inputs_embeds=embeds, position_ids=positions, output_attentions=True).attentions)
+    finally:
+        inner.set_attn_implementation(previous)
+    later = attentions[:, :, :, 40:, :].double()  # (layers, B, heads, queries, keys)
+    return {"on_memory": float(later[..., 0].mean()), "on_first_sensory": float(later[..., 1].mean()),
+            "on_memory_per_layer": [round(float(v), 4) for v in later[..., 0].mean(dim=(1, 2, 3))]}

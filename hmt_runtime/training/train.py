@@ -37,7 +37,7 @@ from torch import nn
 
 from ..core import backbones
 from . import retrieval
-from ..core.config import MEMORY_SCALES, SAVED_DEFAULTS, HMTConfig
+from ..core.config import MEMORY_READS, MEMORY_SCALES, SAVED_DEFAULTS, HMTConfig
 from .data import Windows, WindowSampler, as_documents, tokenize_files
 from ..core.atomic import recover, staged_dir
 from ..model.hmt import HMTModel, shifted_cross_entropy
@@ -84,7 +84,8 @@ class TrainConfig:
     checkpoint sets it on that checkpoint's config.
     memory_scale: the HMT config's ``memory_scale`` ("hidden" or "input", docs/spec.md "Memory at the input
     scale"); None keeps a checkpoint's own (``init_from``) and means "hidden" for a new model.  A run that sets
-    "input" on a "hidden" checkpoint starts the memory gain at the token embeddings' RMS.
+    "input" on a "hidden" checkpoint starts the memory gain at the token embeddings' RMS.  memory_read: the
+    same for ``memory_read`` ("direct" or "sink", docs/spec.md "Reading memory at the attention sink").
     retrieval_every: every n-th step of stage 2 is a batch of retrieval prompts (``hmt_runtime.training.retrieval``,
     ``split="train"``: a needle in segment-long haystacks of the training text, the question at the end, the
     loss on the answer only), the others language modelling (0: never).  retrieval_segments: such a prompt
@@ -131,6 +132,7 @@ class TrainConfig:
     lora_targets: str = "attention"
     prompt_recall: bool = False
     memory_scale: str | None = None
+    memory_read: str | None = None
     retrieval_every: int = 0
     retrieval_segments: int = 3
     retrieval_tasks: list[str] = field(default_factory=lambda: list(retrieval.TASKS))
@@ -168,6 +170,8 @@ class TrainConfig:
             raise ValueError(f"retrieval_tasks={self.retrieval_tasks!r}: expected one or more of {retrieval.TASKS}")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
+        if self.memory_read is not None and self.memory_read not in MEMORY_READS:
+            raise ValueError(f"memory_read={self.memory_read!r}: expected one of {MEMORY_READS} or None")
         if self.memory_scale is not None and self.memory_scale not in MEMORY_SCALES:
             raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES} or None")
         if not self.hmt_lr_scale > 0:
@@ -184,7 +188,8 @@ class TrainConfig:
     def hmt_config(self) -> HMTConfig:
         return HMTConfig.from_window(self.window, sensory_tokens=self.sensory_tokens, memory_slots=self.memory_slots,
                                      recall_dim=self.recall_dim, recall=self.recall, kernels="auto",
-                                     prompt_recall=self.prompt_recall, memory_scale=self.memory_scale or "hidden")
+                                     prompt_recall=self.prompt_recall, memory_scale=self.memory_scale or "hidden",
+                                     memory_read=self.memory_read or "direct")
 
 
 # --------------------------------------------------------------------------------------------- model set-up
@@ -248,13 +253,16 @@ def build_model(config: TrainConfig) -> HMTModel:
         ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
         # recall_scale has no training option: the checkpoint's own is kept; prompt_recall is this run's
         diff = {k: (theirs.get(k), v) for k, v in ours.items()
-                if k not in ("kernels", "recall_scale", "prompt_recall", "memory_scale") and theirs.get(k) != v}
+                if k not in ("kernels", "recall_scale", "prompt_recall", "memory_scale", "memory_read")
+                and theirs.get(k) != v}
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
         model.config.prompt_recall = config.prompt_recall
         if config.memory_scale is not None:
             model.set_memory_scale(config.memory_scale)
+        if config.memory_read is not None:
+            model.set_memory_read(config.memory_read)
         return apply_mode(model, config.mode, config.lora_rank, config.lora_targets)
     backbone, tokenizer = load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
@@ -771,6 +779,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-scale", choices=MEMORY_SCALES, default=None,
                         help="memories as final hidden states ('hidden') or RMS-normalised to the token scale "
                              "('input'); default: the --init-from checkpoint's, else 'hidden'")
+    parser.add_argument("--memory-read", choices=MEMORY_READS, default=None,
+                        help="a segment's first position holds P ('direct') or E(BOS) + g P ('sink'); default: the "
+                             "--init-from checkpoint's, else 'direct'")
     parser.add_argument("--retrieval-every", type=int, default=d.retrieval_every, metavar="N",
                         help="every N-th stage-2 step is a batch of retrieval prompts (0 = never)")
     parser.add_argument("--retrieval-segments", type=int, default=d.retrieval_segments,
