@@ -11,11 +11,19 @@ from helpers import SEGMENT, VOCAB, forward_greedy, make_model, mixed_prompts
 from tiny import tiny_backbone
 
 
-def input_scale_model(family="llama", recall="causal", seed=3, **kw):
-    model = make_model(family, recall, seed=seed, memory_scale="input", **kw)
-    with torch.no_grad():  # a gain that is not one number, so that a missed or doubled rescale shows
-        model.memory_gain.uniform_(0.5, 3.0, generator=torch.Generator().manual_seed(seed))
+def randomised_model(family="llama", recall="causal", seed=3, **kw):
+    """make_model with its memory gains (memory_scale="input", memory_read="sink") drawn at random, so that a
+    missed or doubled transform shows."""
+    model = make_model(family, recall, seed=seed, **kw)
+    with torch.no_grad():
+        for gain in (model.memory_gain, model.memory_read_gain):
+            if gain is not None:
+                gain.uniform_(0.05, 3.0, generator=torch.Generator().manual_seed(seed))
     return model
+
+
+def input_scale_model(family="llama", recall="causal", seed=3, **kw):
+    return randomised_model(family, recall, seed, memory_scale="input", **kw)
 
 
 def test_memories_are_rms_normalised_hidden_states_times_the_gain():
@@ -53,13 +61,19 @@ def test_scheduler_logits_equal_the_forward_with_prompt_recall(recall):
     prompt = torch.randint(0, VOCAB, (3 * SEGMENT + 2,), generator=gen)
     more = torch.randint(0, VOCAB, (SEGMENT + 3,), generator=gen)
     ids = torch.cat([prompt, more])
+    assert_scheduler_follows_the_forward(model, ids, len(prompt))
+
+
+def assert_scheduler_follows_the_forward(model, ids, prompt_len):
+    """The scheduler's logits after a prompt of ``prompt_len`` ids and after each fed id of the rest equal the
+    forward's with ``prompt_end`` (paper mode: where a segment's recall is final, from its position j on)."""
     with torch.no_grad():
-        expected = model(ids[None], prompt_end=len(prompt)).logits[0]
+        expected = model(ids[None], prompt_end=prompt_len).logits[0]
     sched = Scheduler(model, rows=1)
-    row = sched.add(prompt)
-    first_later = (len(prompt) // SEGMENT + 1) * SEGMENT
-    for i in range(len(prompt), ids.shape[0]):
-        if recall == "causal" or i <= first_later or (i - 1) % SEGMENT >= 3:
+    row = sched.add(ids[:prompt_len])
+    first_later = (prompt_len // SEGMENT + 1) * SEGMENT
+    for i in range(prompt_len, ids.shape[0]):
+        if model.config.recall == "causal" or i <= first_later or (i - 1) % SEGMENT >= 3:
             assert torch.allclose(sched.logits[row], expected[i - 1], rtol=0, atol=1e-9), i
         sched.tokens[row] = ids[i]
         sched.step()
@@ -123,10 +137,7 @@ def test_training_switches_a_hidden_checkpoint_to_the_input_scale(tmp_path):
 
 # ------------------------------------------------------------------ memory read at the attention sink
 def sink_read_model(family="llama", recall="causal", seed=3, **kw):
-    model = make_model(family, recall, seed=seed, memory_read="sink", **kw)
-    with torch.no_grad():  # a gain that is not one number, so that a missed or doubled transform shows
-        model.memory_read_gain.uniform_(0.05, 2.0, generator=torch.Generator().manual_seed(seed))
-    return model
+    return randomised_model(family, recall, seed, memory_read="sink", **kw)
 
 
 def test_the_first_position_holds_bos_plus_the_gain_times_p():
@@ -154,17 +165,7 @@ def test_sink_read_scheduler_logits_and_checkpoints(tmp_path):
     model = sink_read_model("llama", "paper", prompt_recall=True)
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(0, VOCAB, (4 * SEGMENT + 2,), generator=gen)
-    prompt = ids[: 3 * SEGMENT + 1]
-    with torch.no_grad():
-        expected = model(ids[None], prompt_end=len(prompt)).logits[0]
-    sched = Scheduler(model, rows=1)
-    row = sched.add(prompt)
-    first_later = (len(prompt) // SEGMENT + 1) * SEGMENT
-    for i in range(len(prompt), ids.shape[0]):
-        if i <= first_later or (i - 1) % SEGMENT >= 3:
-            assert torch.allclose(sched.logits[row], expected[i - 1], rtol=0, atol=1e-9), i
-        sched.tokens[row] = ids[i]
-        sched.step()
+    assert_scheduler_follows_the_forward(model, ids, 3 * SEGMENT + 1)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone("llama", 3)).double().eval()
     assert loaded.config.memory_read == "sink" and torch.equal(loaded.memory_read_gain, model.memory_read_gain)
