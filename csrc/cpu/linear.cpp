@@ -307,8 +307,25 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 }
 
 
+// run(n0, n1) over all N weight rows: on the calling thread for small products, else contiguous ranges of
+// whole tasks of kRowsPerTask rows (a multiple of every build's weight-row tile), one range per pool thread.
+template <class Run>
+void split_weight_rows(const PackedLinear& p, int64_t m, const Run& run) {
+  constexpr int64_t kRowsPerTask = 16;
+  const int64_t threads = pool_threads(static_cast<double>(m) * p.n * p.k);
+  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
+  if (threads <= 1 || tasks <= 1) {
+    run(int64_t{0}, p.n);
+    return;
+  }
+  const int64_t per_thread = (tasks + threads - 1) / threads;
+  at::parallel_for(0, tasks, per_thread, [&](int64_t t0, int64_t t1) {
+    run(t0 * kRowsPerTask, std::min(p.n, t1 * kRowsPerTask));
+  });
+}
+
 // The integer-dot path: x quantized per block of 32 (once, on the calling thread), then the weight rows split
-// over torch's pool as in linear_parallel.
+// over torch's pool.
 void dot_parallel(const IsaBuild& build, const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y,
                   int64_t ldy) {
   const int64_t blocks = block_count(p.k), ldq = blocks * 32;
@@ -319,17 +336,7 @@ void dot_parallel(const IsaBuild& build, const PackedLinear& p, const float* x, 
   sx.resize(static_cast<size_t>(m * blocks));
   build.quantize(x, ldx, m, p.k, qx.data(), ldq, dx.data(), sx.data());
   const DotArgs args{p.format, p.w, p.row_bytes, p.k, qx.data(), ldq, dx.data(), sx.data(), m, p.bias, y, ldy};
-  const int64_t threads = pool_threads(static_cast<double>(m) * p.n * p.k);
-  constexpr int64_t kRowsPerTask = 16;
-  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
-  if (threads <= 1 || tasks <= 1) {
-    build.dot(args, 0, p.n);
-    return;
-  }
-  const int64_t per_thread = (tasks + threads - 1) / threads;
-  at::parallel_for(0, tasks, per_thread, [&](int64_t t0, int64_t t1) {
-    build.dot(args, t0 * kRowsPerTask, std::min(p.n, t1 * kRowsPerTask));
-  });
+  split_weight_rows(p, m, [&](int64_t n0, int64_t n1) { build.dot(args, n0, n1); });
 }
 
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {
@@ -340,18 +347,7 @@ void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t
   }
   const RowsFn fn = active().fn;
   const LinearArgs args = kernel_args(p, x, ldx, m, y, ldy);
-  const int64_t threads = pool_threads(static_cast<double>(m) * p.n * p.k);
-  constexpr int64_t kRowsPerTask = 16;  // a multiple of every build's weight-row tile
-  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
-  if (threads <= 1 || tasks <= 1) {
-    fn(args, 0, p.n);
-    return;
-  }
-  // Contiguous ranges of weight rows, one per thread.
-  const int64_t per_thread = (tasks + threads - 1) / threads;
-  at::parallel_for(0, tasks, per_thread, [&](int64_t t0, int64_t t1) {
-    fn(args, t0 * kRowsPerTask, std::min(p.n, t1 * kRowsPerTask));
-  });
+  split_weight_rows(p, m, [&](int64_t n0, int64_t n1) { fn(args, n0, n1); });
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,

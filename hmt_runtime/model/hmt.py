@@ -430,21 +430,19 @@ class HMTModel(nn.Module):
                             streamer=streamer, state=state, return_state=return_state, progress=progress)
 
     # ----------------------------------------------------------------------------------------- checkpoints
+    def _hmt_named_parameters(self) -> dict[str, nn.Parameter]:
+        """The HMT parameters by checkpoint name: T, M_init, W_q, W_k and the gains the config asks for."""
+        named = {"summary_prompt": self.summary_prompt, "memory_init": self.memory_init,
+                 "recall.w_q.weight": self.recall.w_q.weight, "recall.w_k.weight": self.recall.w_k.weight,
+                 "memory_gain": self.memory_gain, "memory_read_gain": self.memory_read_gain}
+        return {name: param for name, param in named.items() if param is not None}
+
     def hmt_parameters(self) -> list[nn.Parameter]:
-        """The HMT parameters (T, M_init, W_q, W_k and, when present, the memory gain): what ``hmt_state_dict``
-        saves."""
-        gain = [g for g in (self.memory_gain, self.memory_read_gain) if g is not None]
-        return [self.summary_prompt, self.memory_init, *self.recall.parameters(), *gain]
+        """The HMT parameters: what ``hmt_state_dict`` saves."""
+        return list(self._hmt_named_parameters().values())
 
     def hmt_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "summary_prompt": self.summary_prompt.detach(),
-            "memory_init": self.memory_init.detach(),
-            "recall.w_q.weight": self.recall.w_q.weight.detach(),
-            "recall.w_k.weight": self.recall.w_k.weight.detach(),
-            **({"memory_gain": self.memory_gain.detach()} if self.memory_gain is not None else {}),
-            **({"memory_read_gain": self.memory_read_gain.detach()} if self.memory_read_gain is not None else {}),
-        }
+        return {name: param.detach() for name, param in self._hmt_named_parameters().items()}
 
     def backbone_identity(self) -> dict:
         inner = backbones.unwrap(self.backbone)

@@ -30,6 +30,11 @@ from ..model.hmt import HMTModel
 VARIANTS = ("recall", "no-recall", "uniform", "foreign", "init-only")
 
 
+def _logits(model: HMTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head over hidden states, in float32 at least (bf16 / fp16 states are widened)."""
+    return model.lm_logits(hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden)
+
+
 def _stream(model: HMTModel, ids: torch.Tensor, variant: str, foreign: list[torch.Tensor] | None = None,
             stats: dict | None = None) -> float:
     """NLL sum of ids (1, S) tokens 1..S-1 with the memory input chosen by ``variant``; fills ``stats``.
@@ -65,7 +70,7 @@ def _stream(model: HMTModel, ids: torch.Tensor, variant: str, foreign: list[torc
     segments = model.iter_segments(ids, use_recall=variant != "no-recall",
                                    recall_hook=None if variant == "no-recall" else hook)
     for start, hidden, memory in segments:
-        logits = model.lm_logits(hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden)[0]
+        logits = _logits(model, hidden)[0]
         targets = ids[0, start + 1 : start + 1 + hidden.shape[1]]
         total += float(F.cross_entropy(logits[: targets.numel()].double(), targets, reduction="sum"))
         memories.append(memory)
@@ -255,9 +260,7 @@ def memory_use(model: HMTModel, batches: int = 4, batch: int = 8, segments: int 
             pieces = []
             for start, hidden, _ in model.iter_segments(ids, prompt_end=prompt_end, recall_hook=hook):
                 pieces.append(hidden)
-            hidden = torch.cat(pieces, dim=1)
-            logits = model.lm_logits(hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden)
-            logits = logits[:, :-1]
+            logits = _logits(model, torch.cat(pieces, dim=1))[:, :-1]
             target = labels[:, 1:]
             totals[name] += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), target.reshape(-1),
                                                   ignore_index=-100, reduction="sum"))
