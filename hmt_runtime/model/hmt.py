@@ -201,18 +201,23 @@ class HMTModel(nn.Module):
             self.memory_gain = nn.Parameter(torch.full((1, self.width), self.embedding_rms, dtype=self.dtype,
                                                        device=self.device))
 
-    def set_memory_read(self, memory_read: str) -> None:
+    def set_memory_read(self, memory_read: str, gain: float | None = None) -> None:
         """Switch ``config.memory_read``; "sink" gives the model a ``memory_read_gain`` (1, d) starting at
-        ``MEMORY_READ_GAIN`` (kept if it has one), "direct" removes it."""
+        ``gain`` (default ``MEMORY_READ_GAIN``; a gain the model already has is kept unless ``gain`` is given),
+        "direct" removes it."""
         if memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={memory_read!r}: expected one of {MEMORY_READS}")
+        if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float))
+                                 or not math.isfinite(gain) or gain <= 0):
+            raise ValueError(f"gain={gain!r}: expected a finite number > 0")
         if memory_read == "sink" and getattr(backbones.unwrap(self.backbone).config, "bos_token_id", None) is None:
             raise ValueError("memory_read='sink': the backbone has no bos_token_id (the sink's embedding)")
         self.config.memory_read = memory_read
         if memory_read == "direct":
             self.memory_read_gain = None
-        elif self.memory_read_gain is None:
-            self.memory_read_gain = nn.Parameter(torch.full((1, self.width), MEMORY_READ_GAIN, dtype=self.dtype,
+        elif self.memory_read_gain is None or gain is not None:
+            start = MEMORY_READ_GAIN if gain is None else float(gain)
+            self.memory_read_gain = nn.Parameter(torch.full((1, self.width), start, dtype=self.dtype,
                                                             device=self.device))
 
     def memory_input(self, recalled: torch.Tensor) -> torch.Tensor:

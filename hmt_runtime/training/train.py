@@ -133,6 +133,8 @@ class TrainConfig:
     prompt_recall: bool = False
     memory_scale: str | None = None
     memory_read: str | None = None
+    memory_read_gain: float | None = None
+    probe_every: int = 0
     retrieval_every: int = 0
     retrieval_segments: int = 3
     retrieval_tasks: list[str] = field(default_factory=lambda: list(retrieval.TASKS))
@@ -144,7 +146,8 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r}: expected one of {PRECISIONS}")
         for name, minimum in (("stage1_steps", 0), ("stage2_steps", 0), ("stage1_segments", 1),
                               ("stage2_segments", 1), ("batch_size", 1), ("lr_step", 1), ("lora_rank", 1),
-                              ("checkpoint_every", 1), ("retrieval_every", 0), ("retrieval_segments", 2)):
+                              ("checkpoint_every", 1), ("retrieval_every", 0), ("retrieval_segments", 2),
+                              ("probe_every", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
@@ -172,6 +175,12 @@ class TrainConfig:
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         if self.memory_read is not None and self.memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={self.memory_read!r}: expected one of {MEMORY_READS} or None")
+        if self.memory_read_gain is not None:
+            if self.memory_read != "sink":
+                raise ValueError(f"memory_read_gain={self.memory_read_gain!r} needs memory_read='sink', got "
+                                 f"memory_read={self.memory_read!r}")
+            if isinstance(self.memory_read_gain, bool) or not self.memory_read_gain > 0:
+                raise ValueError(f"memory_read_gain={self.memory_read_gain!r}: expected a number > 0")
         if self.memory_scale is not None and self.memory_scale not in MEMORY_SCALES:
             raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES} or None")
         if not self.hmt_lr_scale > 0:
@@ -262,7 +271,7 @@ def build_model(config: TrainConfig) -> HMTModel:
         if config.memory_scale is not None:
             model.set_memory_scale(config.memory_scale)
         if config.memory_read is not None:
-            model.set_memory_read(config.memory_read)
+            model.set_memory_read(config.memory_read, config.memory_read_gain)
         return apply_mode(model, config.mode, config.lora_rank, config.lora_targets)
     backbone, tokenizer = load_backbone(config.backbone)
     model = HMTModel(backbone, config.hmt_config(), tokenizer=tokenizer)
@@ -566,6 +575,20 @@ def _restore(state: dict, model: HMTModel, optimizer, scheduler, samplers, path)
 
 
 # --------------------------------------------------------------------------------------------- the loop
+def _probe(model: HMTModel) -> str:
+    """``diagnose.memory_use`` on 2-segment pass-key prompts (validation phrasings), as one log line: answer
+    cross-entropy with the prompt's own memory, another prompt's, and M_init (own < other: memory is read)."""
+    from .diagnose import memory_use
+
+    model.eval()
+    try:
+        use = memory_use(model, batches=2)
+    finally:
+        model.train()
+    gain = "" if model.memory_read_gain is None else f" read_gain {float(model.memory_read_gain.abs().mean()):.4f}"
+    return " ".join(f"{k.removeprefix('answer_ce_')} {v:.4f}" for k, v in use.items() if k.startswith("answer_ce_")) + gain
+
+
 def _log(line: str, log_file, bar) -> None:
     if bar is not None:
         bar.write(line)
@@ -709,6 +732,8 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{value:.3f}")
+            if rank == 0 and config.probe_every and step % config.probe_every == 0:
+                _log(f"probe {step} " + _probe(model), log_file, bar)
             if step % config.checkpoint_every == 0 or step == config.total_steps:
                 if rank == 0:
                     save_checkpoint(ckpt_dir, model, optimizer, scheduler, samplers, step, config)
@@ -782,6 +807,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-read", choices=MEMORY_READS, default=None,
                         help="a segment's first position holds P ('direct') or E(BOS) + g P ('sink'); default: the "
                              "--init-from checkpoint's, else 'direct'")
+    parser.add_argument("--memory-read-gain", type=float, default=None, metavar="G",
+                        help="with --memory-read sink: where the read gain g starts (default 0.05; a checkpoint's "
+                             "own gain is kept unless this is given)")
+    parser.add_argument("--probe-every", type=int, default=d.probe_every, metavar="N",
+                        help="every N steps, log the answer cross-entropy of 2-segment pass-key prompts with each "
+                             "prompt's own memory, another's and none (diagnose.memory_use; 0 = never)")
     parser.add_argument("--retrieval-every", type=int, default=d.retrieval_every, metavar="N",
                         help="every N-th stage-2 step is a batch of retrieval prompts (0 = never)")
     parser.add_argument("--retrieval-segments", type=int, default=d.retrieval_segments,
