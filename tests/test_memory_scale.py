@@ -152,6 +152,25 @@ def test_the_first_position_holds_bos_plus_the_gain_times_p():
                           torch.full((1, model.width), 0.05, dtype=torch.float64))
 
 
+def test_the_read_gain_starts_where_asked_and_bad_starts_are_refused():
+    model = make_model("llama", seed=3)
+    model.set_memory_read("sink", 0.7)
+    assert torch.equal(model.memory_read_gain, torch.full((1, model.width), 0.7, dtype=model.dtype))
+    with torch.no_grad():
+        model.memory_read_gain[0, 0] = 2.0
+    model.set_memory_read("sink")  # a gain the model has is kept unless one is given
+    assert float(model.memory_read_gain[0, 0]) == 2.0
+    for bad in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="gain"):
+            model.set_memory_read("sink", bad)
+    with pytest.raises(ValueError, match="memory_read_gain=0.5 needs memory_read='sink'"):
+        TrainConfig(data=["x"], memory_read_gain=0.5)
+    with pytest.raises(ValueError, match="memory_read_gain"):
+        TrainConfig(data=["x"], memory_read="sink", memory_read_gain=-1.0)
+    with pytest.raises(ValueError, match="probe_every"):
+        TrainConfig(data=["x"], probe_every=-1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sink_read_generation_equals_the_forward(family):
     model = sink_read_model(family, memory_scale="input")

@@ -100,7 +100,7 @@ def test_a_prompt_too_short_for_its_gap_is_refused():
 def test_the_answer_loss_reads_labels_wherever_they_fall():
     """Labels that end the prompt's segment and spill into the next one are all scored (the loss is finite and
     equals the cross-entropy of the forward's logits at those positions)."""
-    from hmt_runtime.training.train import LastSegmentLoss
+    from hmt_runtime.training.objective import LastSegmentLoss
 
     model = make_model("llama", "causal", seed=1, prompt_recall=True)
     ids = torch.randint(0, 97, (2, 3 * 9 + 4), generator=torch.Generator().manual_seed(0))

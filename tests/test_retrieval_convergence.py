@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hmt_runtime import HMTConfig, HMTModel
-from hmt_runtime.training.train import LastSegmentLoss
+from hmt_runtime.training.objective import LastSegmentLoss
 
 KEYS, MARK, ASK, FILLER0, VOCAB = 10, 10, 11, 12, 40  # ids 0-9 keys, 10 "key:", 11 "key?", 12-39 filler
 LS, K, J, N = 8, 2, 4, 16

@@ -110,17 +110,17 @@ def test_a_failure_in_one_request_ends_only_that_request(tmp_path, monkeypatch):
     decoded beside it finish normally."""
     from fastapi.testclient import TestClient
 
-    from hmt_runtime.serving import loop
+    from hmt_runtime.incremental.requests import Sequence
     from hmt_runtime.serving import server as srv
 
-    real = loop._Sequence.advance
+    real = Sequence.advance
 
     def advance(self, piece, final):
-        if "BOOM" in self.request.stop and len(self.tokens) == 3:
+        if "BOOM" in self.stop and len(self.tokens) == 3:
             raise RuntimeError("injected failure /secret/path")
         return real(self, piece, final)
 
-    monkeypatch.setattr(loop._Sequence, "advance", advance)
+    monkeypatch.setattr(Sequence, "advance", advance)
     server = srv.Server(tiny_model(), rows=4, memory_dir=tmp_path, model_name=NAME)
     with TestClient(server.app) as client:
         results = {}

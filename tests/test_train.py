@@ -8,10 +8,8 @@ import torch.multiprocessing as mp
 
 from hmt_runtime import HMTConfig, HMTModel
 from hmt_runtime.training.data import Windows, WindowSampler, as_documents, read_text, text_files, tokenize_files
-from hmt_runtime.training.train import (
-    LastSegmentLoss, TrainConfig, distillation_kl, load_checkpoint_state, save_checkpoint, segment_checkpointing,
-    teacher_topk, train,
-)
+from hmt_runtime.training.objective import LastSegmentLoss, distillation_kl, segment_checkpointing, teacher_topk
+from hmt_runtime.training.train import TrainConfig, load_checkpoint_state, save_checkpoint, train
 from tiny import VOCAB, tiny_backbone
 
 SEGMENT, SENSORY = 8, 2  # W = 12

@@ -19,6 +19,7 @@ import torch
 from .backend import check_choices
 from ..core.checks import check_eos_token_id, check_input_ids, check_text, check_token_ids
 from ..core.memory import MemoryState
+from .requests import RequestBatch, Sequence, TextPieces
 from .sampling import Sampling
 from .scheduler import Scheduler
 
@@ -111,22 +112,6 @@ def _check_state(model, state, n_prompts: int) -> None:
     state.validate(model.config, width=model.width, vocab_size=model.vocab_size)  # values: ranges, finite
 
 
-class _TextPieces:
-    """Incremental detokenisation: the new text of a growing token list, held back while it ends in a partial
-    character, so that the pieces concatenate to the decode of all tokens."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.sent = tokenizer, ""
-
-    def update(self, tokens: list[int], final: bool = False) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if not final and (text.endswith("\ufffd") or not text.startswith(self.sent)):
-            return ""
-        piece = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent = text if text.startswith(self.sent) else self.sent
-        return piece
-
-
 def generate(model, prompts, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
              top_k=None, top_p=None, eos_token_id=None, stream: bool = False, state: MemoryState | None = None,
              progress: bool = False, batch_size: int | None = None, engine: str = "auto", cuda_graphs="auto"):
@@ -202,7 +187,7 @@ def _stream(run, kind, tokenizer) -> Iterator:
     """Chunks of ``run`` as documented in ``generate`` (a generator: work happens as it is consumed)."""
     text = kind in ("text", "texts")
     single = kind in ("text", "tensor1d")
-    pieces = [_TextPieces(tokenizer) for _ in run.items] if text else None
+    pieces = [TextPieces(tokenizer) for _ in run.items] if text else None
     for new in run:  # new: {prompt index: [token ids produced this step]}
         if text:
             chunk = [pieces[i].update(run.outputs[i], final=i in run.finished_now) if i in new else ""
@@ -217,23 +202,31 @@ def _stream(run, kind, tokenizer) -> Iterator:
 
 
 class _Run:
-    """One generate() call as an iterator over steps: each step yields {prompt index: new token ids}.
+    """One generate() call as an iterator over steps of the request loop (``requests.RequestBatch``): each step
+    yields {prompt index: new token ids}.
 
     With ``keep_states``, ``states[i]`` receives prompt i's state when it finishes (a batch-1 MemoryState after
-    the prompt and every new token but a final EOS: a row that stops at max_new_tokens stays one more step in
-    the batch to read its last token)."""
+    the prompt and every new token but a final EOS)."""
 
     def __init__(self, model, items, max_new_tokens, do_sample, temperature, top_k, top_p, eos, state, progress,
                  rows, engine, cuda_graphs, keep_states: bool = False):
         self.model, self.items, self.max_new, self.eos = model, items, max_new_tokens, eos
         self.sampling = Sampling(do_sample, temperature, top_k, top_p)
-        self.warpers = self.sampling.warpers()
         self.state, self.progress = state, progress
         self.rows, self.engine, self.cuda_graphs = rows, engine, cuda_graphs
-        self.outputs: list[list[int]] = [[] for _ in items]
         self.finished_now: set[int] = set()
         self.keep_states = keep_states
-        self.states: list[MemoryState | None] = [None] * len(items)
+        warpers = self.sampling.warpers()
+        self.sequences = [Sequence(ids, max_new_tokens, eos, self.sampling, warpers, state=self._state_for(i),
+                                   keep_state=keep_states, index=i) for i, ids in enumerate(items)]
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        return [s.tokens for s in self.sequences]
+
+    @property
+    def states(self) -> list[MemoryState | None]:
+        return [s.final_state for s in self.sequences]
 
     def _state_for(self, index: int):
         if self.state is None:
@@ -245,54 +238,28 @@ class _Run:
             return
         sched = _scheduler(self.model, self.rows, self.engine, self.cuda_graphs)
         sched.busy = True
-        device = self.model.device
+        batch = RequestBatch(sched)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(i.numel() for i in self.items), unit="tok", desc="ingest", leave=False)
-        pending = list(range(len(self.items)))
-        owner: dict[int, int] = {}  # row -> prompt index, rows still choosing tokens
-        closing: dict[int, int] = {}  # row -> prompt index, rows reading their last token (keep_states)
+            for sequence in self.sequences:
+                sequence.on_progress = bar.update
+        pending = list(self.sequences)
         try:
-            while pending or owner:
-                for row in sched.free_rows():  # admit waiting prompts into free rows
+            while pending or batch.busy():
+                for row in batch.free_rows():  # admit waiting prompts into free rows, read them whole
                     if not pending:
                         break
-                    index = pending.pop(0)
-                    ids = self.items[index].to(device)
-                    sched.add(ids, state=self._state_for(index), row=row, on_progress=bar.update if bar else None)
-                    if self.max_new == 0:  # keep_states: the state after the prompt
-                        self.states[index] = sched.export(row)
-                        sched.release(row)
-                    else:
-                        owner[row] = index
-                if not owner:
-                    continue
-                sched.pick(self.sampling, self.warpers)
-                chosen = sched.tokens[: max(owner) + 1].tolist()  # the one host read of a step
-                new: dict[int, list[int]] = {}
-                self.finished_now = set()
-                for row, index in list(owner.items()):
-                    token = chosen[row]
-                    self.outputs[index].append(token)
-                    new[index] = [token]
-                    if token in self.eos or len(self.outputs[index]) >= self.max_new:
-                        self.finished_now.add(index)
-                        del owner[row]
-                        if self.keep_states and token not in self.eos:
-                            closing[row] = index
-                            continue
-                        if self.keep_states:
-                            self.states[index] = sched.export(row)
-                        sched.release(row)
-                yield new
-                if owner or closing:
-                    sched.step()  # closing rows read their last token here, then leave
-                    for row, index in closing.items():
-                        self.states[index] = sched.export(row)
-                        sched.release(row)
-                    closing.clear()
+                    batch.admit(row, pending.pop(0))
+                    while batch.reading:
+                        batch.read_one()
+                produced = batch.advance()
+                if produced:
+                    self.finished_now = {s.index for s, _, reason in produced if reason is not None}
+                    yield {s.index: s.tokens[-1:] for s, _, _ in produced}
+                batch.decode()  # closing rows read their last token here, then leave
         finally:
             sched.busy = False
             if bar is not None:

@@ -1,5 +1,6 @@
-"""The one sampling path: next tokens from logits, for ``generate`` (``Scheduler.pick``) and ``hmt serve``
-(``RequestLoop``, per request and per row generator).
+"""The one sampling path: next tokens from logits, for the request loop under ``generate`` and ``hmt serve``
+(``requests.RequestBatch``: rows sharing torch's generator draw together, a row with its own generator alone) and
+for ``Scheduler.pick``.
 
 Greedy is the argmax.  Sampling works on the logits in float32 with their maximum subtracted, divided by the
 temperature (at least ``MIN_TEMPERATURE``, so that float32 stays finite), then transformers' top-k and top-p

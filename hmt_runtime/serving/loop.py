@@ -16,50 +16,15 @@ from collections import deque
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..incremental.generation import _TextPieces
 from ..core.memory import MemoryState
+from ..incremental.requests import RequestBatch, Sequence
 from ..incremental.scheduler import Scheduler
-from ..incremental.sampling import Sampling, choose
+from ..incremental.sampling import Sampling
 from .protocol import APIError, QueueFull, RATE_WINDOW_S, log
 from .store import MemoryStore
 
 
 # ============================================================================================== engine
-class _Sequence:
-    """One choice of a request: its prompt ids (L,), generated tokens, and the text sent so far."""
-
-    def __init__(self, request: "_Request", index: int, ids: torch.Tensor, seed: int):
-        self.request, self.index, self.ids = request, index, ids
-        self.tokens: list[int] = []
-        self.pieces = _TextPieces(request.tokenizer)
-        self.text = ""  # all text decoded so far
-        self.sent = 0  # characters of ``text`` given to the client (the rest may start a stop string)
-        self.finish_reason: str | None = None
-        self.generator = None
-        if request.temperature > 0:
-            self.generator = torch.Generator(device=request.device)
-            self.generator.manual_seed(seed % 2**64)
-
-    def advance(self, piece: str, final: bool) -> tuple[str, bool]:
-        """Add newly decoded text -> (text to send now, a stop string was reached)."""
-        self.text += piece
-        stops = self.request.stop
-        if stops:
-            hits = [p for p in (self.text.find(s, self.sent) for s in stops) if p >= 0]
-            if hits:
-                cut = min(hits)
-                out, self.sent = self.text[self.sent : cut], cut
-                return out, True
-        end = len(self.text)
-        if stops and not final:  # hold back a tail that may be the start of a stop string
-            for keep in range(min(max(map(len, stops)) - 1, end - self.sent), 0, -1):
-                if any(s.startswith(self.text[end - keep :]) for s in stops):
-                    end -= keep
-                    break
-        out, self.sent = self.text[self.sent : end], end
-        return out, False
-
-
 class _Request:
     """A completion request (or, with ``document``, a document to read into a memory state) as the engine sees
     it.  Events go to ``queue`` (an asyncio.Queue on ``loop``), a list per engine step: ("text", index, str),
@@ -76,7 +41,7 @@ class _Request:
         self.sampling = Sampling(do_sample=temperature > 0, temperature=temperature, top_p=top_p)
         self.warpers = self.sampling.warpers()
         base = seed if seed is not None else secrets.randbits(63)
-        self.sequences = [_Sequence(self, p * n + j, ids, base + 0x9E3779B97F4A7C15 * (p * n + j))
+        self.sequences = [self._sequence(p * n + j, ids, base + 0x9E3779B97F4A7C15 * (p * n + j))
                           for p, ids in enumerate(prompts) for j in range(n)]
         self.prompt_tokens = sum(int(ids.numel()) for ids in prompts)
         self.pending = list(self.sequences)  # not yet in a row
@@ -88,6 +53,16 @@ class _Request:
         self.queue: asyncio.Queue | None = None
         self.pushed = self.taken = 0  # event lists sent by the engine / taken by the handler
         self.backlog_since = self.last_taken = 0.0
+
+    def _sequence(self, index: int, ids: torch.Tensor, seed: int) -> Sequence:
+        """Choice ``index`` of the request: its prompt ids (L,), a generator of its own when sampling."""
+        generator = None
+        if self.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed % 2**64)
+        return Sequence(ids, 0 if self.document else self.max_tokens, self.eos, self.sampling, self.warpers,
+                        generator, self.state, self.tokenizer, self.stop, keep_state=self.document,
+                        prompt=not self.document, owner=self, index=index)
 
     def attach(self) -> None:
         """Bind the event queue to the running event loop (call on that loop before ``RequestLoop.submit``)."""
@@ -168,12 +143,10 @@ class RequestLoop:
         self.model, self.rows, self.max_queue = model, rows, max_queue
         self.chunk_tokens, self.stall_seconds = chunk_tokens, stall_seconds
         self.sched = Scheduler(model, rows, engine=engine, cuda_graphs=cuda_graphs)
+        self.batch = RequestBatch(self.sched, chunk_tokens)  # the rows' sequences (engine thread only)
         self.metrics: Metrics | None = None
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
-        self._owner: dict[int, _Sequence] = {}  # row -> sequence generating there (engine thread only)
-        self._reading: dict[int, list] = {}  # row -> [sequence, Ingestion or None (reserved)] (engine thread)
-        self._turn = -1  # the row whose input was read last
         self._running: set[_Request] = set()
         self._recent: deque = deque()  # (time, tokens) per step, for recent_rate
         self._stopping = False
@@ -194,7 +167,7 @@ class RequestLoop:
     def submit(self, request: _Request) -> None:
         with self._cond:
             # requests that free rows take at once do not count as waiting; the others must fit in max_queue
-            free, queued = self.rows - len(self._owner) - len(self._reading), 0
+            free, queued = len(self.batch.free_rows()), 0
             for other in (*self._waiting, request):
                 if len(other.pending) <= free:
                     free -= len(other.pending)
@@ -227,7 +200,7 @@ class RequestLoop:
         with torch.no_grad():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._abort or self._owner or self._reading or self._waiting):
+                    while not (self._stopping or self._abort or self.batch.busy() or self._waiting):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -239,7 +212,7 @@ class RequestLoop:
                     self._release_cancelled()
                     self._admit(admit)
                     self._read_one()
-                    if self._owner:
+                    if self.batch.generating:
                         self._step()
                 except Exception:  # the batched decode step itself: fail what was in the rows, keep serving
                     log.exception("engine step failed")
@@ -247,17 +220,17 @@ class RequestLoop:
                 self._count()
         self._fail_all(APIError(503, "the server is shutting down", type="server_error", code="shutting_down"))
 
-    def _take_admissions(self) -> list[tuple[int, _Sequence]]:
-        """(row, sequence) pairs for free rows, in arrival order; drops cancelled waiting requests (holds the lock)."""
+    def _take_admissions(self) -> list[int]:
+        """Rows reserved for waiting sequences, in arrival order; drops cancelled waiting requests (holds the lock)."""
         for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             request.unfinished = 0
-        free = [row for row in self.sched.free_rows() if row not in self._owner and row not in self._reading]
+        free = self.batch.free_rows()
         admit = []
         while free and self._waiting:
             request = self._waiting[0]
-            admit.append((free.pop(0), request.pending.pop(0)))
-            self._reading[admit[-1][0]] = [admit[-1][1], None]  # reserved; the ingestion starts outside the lock
+            admit.append(free.pop(0))
+            self.batch.reserve(admit[-1], request.pending.pop(0))  # the ingestion starts outside the lock
             if not request.pending:
                 self._waiting.popleft()
             self._running.add(request)
@@ -265,14 +238,7 @@ class RequestLoop:
         return admit
 
     def _release_cancelled(self) -> None:
-        for row, seq in list(self._owner.items()):
-            if seq.request.cancelled:
-                self._free(row)
-        for row, (seq, job) in list(self._reading.items()):
-            if seq.request.cancelled:
-                self._reading.pop(row)
-                if job is not None:
-                    job.close()
+        self.batch.drop(lambda seq: seq.owner.cancelled)
         for request in list(self._running):
             if not request.cancelled and not request.document and request.stalled(self.stall_seconds):
                 log.warning("request %s: its client stopped reading for %.0f s; ended", request.id,
@@ -285,107 +251,70 @@ class RequestLoop:
             if self.metrics:
                 self.metrics.requests.labels("cancelled").inc()
 
-    def _admit(self, admit: list[tuple[int, _Sequence]]) -> None:
-        """Start reading each admitted sequence's prompt (its memory state is loaded here)."""
-        for row, seq in admit:
-            request = seq.request
+    def _admit(self, admit: list[int]) -> None:
+        """Start reading each admitted sequence's input (its memory state is loaded here)."""
+        for row in admit:
+            request = self.batch.reading[row][0].owner
             if request.cancelled or not request.unfinished:
-                self._reading.pop(row, None)
+                self.batch.reading.pop(row, None)
                 continue
             try:
-                job = self.sched.ingestion(seq.ids.to(self.model.device), state=request.state, row=row,
-                                           chunk_tokens=self.chunk_tokens, prompt=not request.document)
+                self.batch.start(row)
             except Exception:
                 log.exception("request %s: could not start reading its input", request.id)
-                self._reading.pop(row, None)
                 self._error(request, _internal("reading the input"))
-                continue
-            self._reading[row][1] = job
 
     def _read_one(self) -> None:
         """One piece of the next input being read (the inputs take turns by row)."""
-        rows = sorted(row for row, (_, job) in self._reading.items() if job is not None)
-        if not rows:
-            return
-        row = next((r for r in rows if r > self._turn), rows[0])
-        self._turn = row
-        seq, job = self._reading[row]
-        request = seq.request
-        before = job.read
+        reading = {row: seq for row, (seq, job) in self.batch.reading.items() if job is not None}
         try:
-            done = job.step()
+            result = self.batch.read_one()
         except Exception:
+            request = next(seq.owner for row, seq in reading.items() if row not in self.batch.reading)
             log.exception("request %s: reading its input failed", request.id)
-            self._reading.pop(row, None)  # the Ingestion freed the row
             self._error(request, _internal("reading the input"))
             return
+        if result is None:
+            return
+        seq, read, done = result
         if self.metrics:
-            self.metrics.ingested.inc(job.read - before)
-        if not done:
-            return
-        del self._reading[row]
-        if not request.document:
-            self._owner[row] = seq  # generates from the next step on
-            return
-        try:
-            state = self.sched.export(row)
-        except Exception:
-            log.exception("request %s: could not copy the document's state", request.id)
-            self.sched.release(row)
-            self._error(request, _internal("reading the document"))
-            return
-        self.sched.release(row)
+            self.metrics.ingested.inc(read)
+        request = seq.owner
+        if not done or not request.document:
+            return  # a read prompt generates from the next step on
         request.unfinished = 0
         self._running.discard(request)
         if self.metrics:
             self.metrics.requests.labels("done").inc()
-        request.push([("state", state), ("done", request.usage())])
+        request.push([("state", seq.final_state), ("done", request.usage())])
 
-    def _free(self, row: int) -> None:
-        self._owner.pop(row, None)
-        self.sched.release(row)
-
-    def _choose(self, batch: int) -> list[int]:
-        """Next token of rows [0, batch): argmax for greedy rows, a draw from the row's own generator otherwise.
-        A row whose sampling fails ends its request alone."""
-        logits = self.sched.logits[:batch]
-        chosen = torch.argmax(logits, dim=-1)
-        for row, seq in list(self._owner.items()):
-            if seq.generator is None or row not in self._owner:
-                continue
-            try:
-                request = seq.request
-                chosen[row] = choose(logits[row : row + 1], request.sampling, seq.generator, request.warpers)[0]
-            except Exception:
-                log.exception("request %s: sampling failed", seq.request.id)
-                self._error(seq.request, _internal("sampling"))
-        self.sched.tokens[:batch] = chosen
-        return chosen.tolist()  # the one host read of a step
+    def _failed(self, seq: Sequence, what: str, err: BaseException) -> None:
+        """One sequence failed in a step (its row is freed): end its request alone."""
+        log.error("request %s: %s failed", seq.owner.id, what, exc_info=err)
+        self._error(seq.owner, _internal(what))
 
     def _step(self) -> None:
-        batch = max(self._owner) + 1
-        chosen = self._choose(batch)
         produced = 0
         events: dict[_Request, list] = {}
         now = time.perf_counter()
-        for row, seq in sorted(self._owner.items()):
-            request = seq.request
-            if row not in self._owner:  # freed by an earlier row of the same request
-                continue
-            try:
-                reason = self._advance(row, seq, chosen[row], now, events.setdefault(request, []))
-            except Exception:
-                log.exception("request %s: producing its text failed", request.id)
-                events.pop(request, None)
-                self._error(request, _internal("producing the text"))
+        for seq, text, reason in self.batch.advance(on_error=self._failed):
+            request = seq.owner
+            if request.cancelled:  # failed at a later row of this step
                 continue
             produced += 1
+            out = events.setdefault(request, [])
+            if request.first_token_at is None:
+                request.first_token_at = now
+                if self.metrics:
+                    self.metrics.ttft.observe(now - request.arrival)
             if reason is None:
+                if text:
+                    out.append(("text", seq.index, text))
                 continue
-            self._free(row)
+            out.append(("finish", seq.index, text, reason))
             request.unfinished -= 1
             if request.unfinished == 0:
-                events[request].append(("done", request.usage()))
+                out.append(("done", request.usage()))
                 self._running.discard(request)
                 if self.metrics:
                     self.metrics.requests.labels("done").inc()
@@ -395,78 +324,36 @@ class RequestLoop:
         if self.metrics:
             self.metrics.tokens.inc(produced)
         for request, out in events.items():
-            if out:
+            if out and not request.cancelled:
                 request.push(out)
-        if self._owner:
-            self.sched.step(on_error=self._row_failed)
-
-    def _advance(self, row: int, seq: _Sequence, token: int, now: float, out: list) -> str | None:
-        """Record one chosen token of a row -> its finish reason (None: it goes on); events into ``out``."""
-        request = seq.request
-        seq.tokens.append(token)
-        if request.first_token_at is None:
-            request.first_token_at = now
-            if self.metrics:
-                self.metrics.ttft.observe(now - request.arrival)
-        reason = "stop" if token in request.eos else ("length" if len(seq.tokens) >= request.max_tokens else None)
-        piece = seq.pieces.update(seq.tokens, final=reason is not None)
-        text, stopped = seq.advance(piece, final=reason is not None)
-        if stopped:
-            reason = "stop"
-        if reason is None:
-            if text:
-                out.append(("text", seq.index, text))
-            return None
-        seq.finish_reason = reason
-        out.append(("finish", seq.index, text, reason))
-        return reason
-
-    def _row_failed(self, row: int, err: BaseException) -> None:
-        """A row's own work in a decode step failed (the scheduler freed the row): end its request alone."""
-        seq = self._owner.pop(row, None)
-        log.error("row %d failed in a decode step", row, exc_info=err)
-        if seq is not None:
-            self._error(seq.request, _internal("decoding"))
+        self.batch.decode(on_error=self._failed)
 
     def _error(self, request: _Request, error: APIError, finish: str = "error") -> None:
         request.cancelled = True
         request.unfinished = 0
         self._running.discard(request)
-        for row, seq in list(self._owner.items()):
-            if seq.request is request:
-                self._free(row)
-        for row, (seq, job) in list(self._reading.items()):
-            if seq.request is request:
-                self._reading.pop(row)
-                if job is not None:
-                    job.close()
+        self.batch.drop(lambda seq: seq.owner is request)
         if self.metrics:
             self.metrics.requests.labels(finish).inc()
         request.push([("error", error)])
 
     def _fail_all(self, error: APIError) -> None:
-        requests = {seq.request for seq in self._owner.values()} | set(self._running)
-        requests |= {seq.request for seq, _ in self._reading.values()}
+        requests = {seq.owner for seq in self.batch.generating.values()} | set(self._running)
+        requests |= {seq.owner for seq, _ in self.batch.reading.values()}
         with self._cond:
             requests |= set(self._waiting)
             self._waiting.clear()
-        for row in list(self._owner):
-            self._free(row)
-        for row, (_, job) in list(self._reading.items()):
-            self._reading.pop(row)
-            if job is not None:
-                job.close()
-        for row in self.sched.live_rows():
-            self.sched.release(row)
+        self.batch.clear()
         for request in requests:
             if request.unfinished:
                 self._error(request, error)
 
     def _count(self) -> None:
-        self.live_rows = len(self._owner) + len(self._reading)
+        batch = self.batch
+        self.live_rows = len(batch.generating) + len(batch.reading) + len(batch.closing)
         self.running_requests = len(self._running)
         self.waiting_requests = len(self._waiting)
-        self.ingesting = len(self._reading)
-        self.ingest_pending = sum(job.total - job.read for _, job in self._reading.values() if job is not None)
+        self.ingesting = len(batch.reading)
+        self.ingest_pending = sum(job.total - job.read for _, job in batch.reading.values() if job is not None)
 
 

@@ -101,7 +101,7 @@ def _memory_stats(model: HMTModel, memories: torch.Tensor) -> dict:
 
 def gradient_norms(model: HMTModel, ids: torch.Tensor) -> dict:
     """Gradient norms of one last-segment training loss on ids (B, S) with recall on."""
-    from .train import LastSegmentLoss
+    from .objective import LastSegmentLoss
 
     memories = []
     original = model.iter_segments
