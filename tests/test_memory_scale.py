@@ -136,8 +136,8 @@ def test_training_switches_a_hidden_checkpoint_to_the_input_scale(tmp_path):
 
 
 # ------------------------------------------------------------------ memory read at the attention sink
-def sink_read_model(family="llama", recall="causal", seed=3, **kw):
-    return randomised_model(family, recall, seed, memory_read="sink", **kw)
+def sink_read_model(family="llama", recall="causal", seed=3, read="sink", **kw):
+    return randomised_model(family, recall, seed, memory_read=read, **kw)
 
 
 def test_the_first_position_holds_bos_plus_the_gain_times_p():
@@ -163,7 +163,7 @@ def test_the_read_gain_starts_where_asked_and_bad_starts_are_refused():
     for bad in (0, -1.0, float("nan"), True, "1"):
         with pytest.raises(ValueError, match="gain"):
             model.set_memory_read("sink", bad)
-    with pytest.raises(ValueError, match="memory_read_gain=0.5 needs memory_read='sink'"):
+    with pytest.raises(ValueError, match="memory_read_gain=0.5 needs memory_read 'sink' or 'broadcast'"):
         TrainConfig(data=["x"], memory_read_gain=0.5)
     with pytest.raises(ValueError, match="memory_read_gain"):
         TrainConfig(data=["x"], memory_read="sink", memory_read_gain=-1.0)
@@ -171,23 +171,40 @@ def test_the_read_gain_starts_where_asked_and_bad_starts_are_refused():
         TrainConfig(data=["x"], probe_every=-1)
 
 
+def test_a_broadcast_read_adds_the_gain_times_p_to_every_token_position():
+    model = sink_read_model(read="broadcast")
+    p = torch.randn(2, model.width, dtype=torch.float64)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    embeds = model.segment_embeddings(p, ids[:, :2], ids[:, 2:])
+    bos = model.embed(torch.tensor([[1]]))[0, 0]
+    gp = model.memory_read_gain[0] * p
+    assert torch.allclose(embeds[:, 0], bos + gp, rtol=0, atol=1e-12)
+    assert torch.allclose(embeds[:, 1:-1], model.embed(ids) + gp[:, None], rtol=0, atol=1e-12)
+    assert torch.equal(embeds[:, -1], p)
+    assert torch.equal(model.token_embeddings(ids, p), embeds[:, 1:-1])
+    direct = make_model("llama", seed=3)
+    assert torch.equal(direct.token_embeddings(ids, p), direct.embed(ids))  # other reads: E(x) alone
+
+
+@pytest.mark.parametrize("read", ["sink", "broadcast"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_sink_read_generation_equals_the_forward(family):
-    model = sink_read_model(family, memory_scale="input")
+def test_sink_read_generation_equals_the_forward(family, read):
+    model = sink_read_model(family, memory_scale="input", read=read)
     new = 2 * SEGMENT + 3
     out = generate(model, mixed_prompts(), max_new_tokens=new)
     for prompt, tokens in zip(mixed_prompts(), out):
         assert tokens == forward_greedy(model, prompt, new)
 
 
-def test_sink_read_scheduler_logits_and_checkpoints(tmp_path):
-    model = sink_read_model("llama", "paper", prompt_recall=True)
+@pytest.mark.parametrize("read", ["sink", "broadcast"])
+def test_sink_read_scheduler_logits_and_checkpoints(tmp_path, read):
+    model = sink_read_model("llama", "paper", prompt_recall=True, read=read)
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(0, VOCAB, (4 * SEGMENT + 2,), generator=gen)
     assert_scheduler_follows_the_forward(model, ids, 3 * SEGMENT + 1)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = HMTModel.from_pretrained(tmp_path / "ckpt", backbone=tiny_backbone("llama", 3)).double().eval()
-    assert loaded.config.memory_read == "sink" and torch.equal(loaded.memory_read_gain, model.memory_read_gain)
+    assert loaded.config.memory_read == read and torch.equal(loaded.memory_read_gain, model.memory_read_gain)
     with torch.no_grad():
         assert torch.equal(loaded(ids[None]).logits, model(ids[None]).logits)
     old = model.config.to_dict()

@@ -12,7 +12,7 @@ from .ops import RECALL_SCALES
 
 RECALL_MODES = ("paper", "causal")
 MEMORY_SCALES = ("hidden", "input")
-MEMORY_READS = ("direct", "sink")
+MEMORY_READS = ("direct", "sink", "broadcast")
 DEFAULT_RECALL = "paper"  # HMTConfig.recall, and `hmt generate|serve --recall` for a fresh HMT
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")  # which kernels run the HMT ops (HMTConfig.kernels)
 # Fields added after the first checkpoints, and the value a config saved without them means.
@@ -48,7 +48,9 @@ class HMTConfig:
     memory_read: "direct" (the segment's first position holds P, the paper's rule and that of checkpoints that
         do not record the field) or "sink" (it holds E(BOS) + g * P, g = ``memory_read_gain`` (1, d), learned,
         starting at 0.05: the position stays the attention sink the backbone was trained with, so P is read;
-        docs/spec.md "Reading memory at the attention sink").  The trailing position holds P either way.
+        docs/spec.md "Reading memory at the attention sink") or "broadcast" (as "sink", and every sensory and
+        segment token's embedding is E(x) + g * P too, so that each position carries P in its own residual
+        stream: docs/spec.md "Reading memory at every position").  The trailing position holds P either way.
     """
 
     segment_tokens: int = 222
@@ -142,7 +144,8 @@ class HMTConfig:
             + (f", scores / d_h (recall_scale {self.recall_scale!r})" if self.recall_scale != "sqrt" else "")
             + ("; recall at the end of a prompt" if self.prompt_recall else "")
             + ("; memories at the input scale" if self.memory_scale == "input" else "")
-            + ("; memory read at the attention sink" if self.memory_read == "sink" else "")
+            + {"direct": "", "sink": "; memory read at the attention sink",
+               "broadcast": "; memory read at the sink and every position"}[self.memory_read]
             + f"; kernels {self.kernels!r}"
         )
 

@@ -354,7 +354,7 @@ class Scheduler:
                 take = min(rules.next_take(cfg, h.segment_len, h.provisional, total - pos), cap)
                 chunk = ids[:, pos : pos + take]
                 trailing = rules.closes(cfg, h.segment_len + take) and not h.provisional
-                embeds = self.model.embed(chunk)
+                embeds = self.model.token_embeddings(chunk, st.recalled[row : row + 1])
                 if trailing:
                     embeds = torch.cat([embeds, st.recalled[row : row + 1, None, :]], dim=1)
                 hidden = self.engine.prefill(row, embeds, self.kv.host_lens[row])
@@ -455,7 +455,7 @@ class Scheduler:
     def _decode_core(self, batch: int, span: int | None) -> torch.Tensor:
         """Device-only part of a step for rows [0, batch): embed tokens, decode, logits, segment ids."""
         st = self.state
-        embeds = self.model.embed(self.tokens[:batch, None])  # (B, 1, d)
+        embeds = self.model.token_embeddings(self.tokens[:batch, None], st.recalled[:batch])  # (B, 1, d)
         live = self.live_mask[:batch]
         hidden = self.engine.decode(embeds, live, span, live_rows=[b for b in range(batch) if self.host[b].live])
         self.logits[:batch] = self.engine.logits(self.model, hidden[:, 0])

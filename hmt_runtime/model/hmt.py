@@ -41,7 +41,7 @@ BACKBONE_DIR = "backbone"
 FORMAT = "hmt-checkpoint"
 CHECKPOINT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BACKBONE_DIR)  # what a checkpoint folder holds
 MEMORY_EPS = 1e-6  # the RMS normalisation of memory_scale="input"
-MEMORY_READ_GAIN = 0.05  # the start of memory_read_gain (memory_read="sink")
+MEMORY_READ_GAIN = 0.05  # the start of memory_read_gain (memory_read "sink" or "broadcast")
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
@@ -202,16 +202,16 @@ class HMTModel(nn.Module):
                                                        device=self.device))
 
     def set_memory_read(self, memory_read: str, gain: float | None = None) -> None:
-        """Switch ``config.memory_read``; "sink" gives the model a ``memory_read_gain`` (1, d) starting at
-        ``gain`` (default ``MEMORY_READ_GAIN``; a gain the model already has is kept unless ``gain`` is given),
+        """Switch ``config.memory_read``; "sink" and "broadcast" give the model a ``memory_read_gain`` (1, d)
+        starting at ``gain`` (default ``MEMORY_READ_GAIN``; a gain the model already has is kept unless ``gain`` is given),
         "direct" removes it."""
         if memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={memory_read!r}: expected one of {MEMORY_READS}")
         if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float))
                                  or not math.isfinite(gain) or gain <= 0):
             raise ValueError(f"gain={gain!r}: expected a finite number > 0")
-        if memory_read == "sink" and getattr(backbones.unwrap(self.backbone).config, "bos_token_id", None) is None:
-            raise ValueError("memory_read='sink': the backbone has no bos_token_id (the sink's embedding)")
+        if memory_read != "direct" and getattr(backbones.unwrap(self.backbone).config, "bos_token_id", None) is None:
+            raise ValueError(f"memory_read={memory_read!r}: the backbone has no bos_token_id (the sink's embedding)")
         self.config.memory_read = memory_read
         if memory_read == "direct":
             self.memory_read_gain = None
@@ -222,12 +222,20 @@ class HMTModel(nn.Module):
 
     def memory_input(self, recalled: torch.Tensor) -> torch.Tensor:
         """What a segment's first position holds for its recalled P (B, d): P itself, or with
-        ``memory_read="sink"`` E(BOS) + memory_read_gain * P (docs/spec.md)."""
+        ``memory_read`` "sink" or "broadcast" E(BOS) + memory_read_gain * P (docs/spec.md)."""
         if self.memory_read_gain is None:
             return recalled
         bos = backbones.unwrap(self.backbone).config.bos_token_id
         sink = self.embed(torch.tensor([[bos]], device=recalled.device))[0].to(recalled.dtype)
         return sink + self.memory_read_gain.to(recalled.dtype) * recalled
+
+    def token_embeddings(self, ids: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
+        """The inputs of a segment's sensory and segment tokens: ids (B, L), the segment's recalled P (B, d) ->
+        (B, L, d): E(ids), plus memory_read_gain * P at every position with ``memory_read="broadcast"``."""
+        embeds = self.embed(ids)
+        if self.config.memory_read != "broadcast":
+            return embeds
+        return embeds + (self.memory_read_gain.to(recalled.dtype) * recalled)[:, None, :].to(embeds.dtype)
 
     def memory_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
         """M_n from the final hidden state at a segment's trailing P: hidden (B, d) -> (B, d) (spec step 4;
@@ -291,13 +299,14 @@ class HMTModel(nn.Module):
         """Spec step 3: [P ; E(sensory) ; E(x) ; P] -> (B, 1 + k' + L + trailing, d).
 
         recalled: (B, d); sensory_ids: (B, k') or None; segment_ids: (B, L) (L may be 0).  The first position
-        holds ``memory_input(P)`` (P itself unless ``memory_read="sink"``), the trailing one P."""
+        holds ``memory_input(P)`` (P itself unless ``memory_read`` is "sink" or "broadcast"), the tokens
+        ``token_embeddings``, the trailing one P."""
         p = recalled[:, None, :]
         parts = [self.memory_input(recalled)[:, None, :]]
         if sensory_ids is not None and sensory_ids.shape[1]:
-            parts.append(self.embed(sensory_ids))
+            parts.append(self.token_embeddings(sensory_ids, recalled))
         if segment_ids.shape[1]:
-            parts.append(self.embed(segment_ids))
+            parts.append(self.token_embeddings(segment_ids, recalled))
         if trailing:
             parts.append(p)
         return torch.cat(parts, dim=1)

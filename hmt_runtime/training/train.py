@@ -174,8 +174,8 @@ class TrainConfig:
         if self.memory_read is not None and self.memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={self.memory_read!r}: expected one of {MEMORY_READS} or None")
         if self.memory_read_gain is not None:
-            if self.memory_read != "sink":
-                raise ValueError(f"memory_read_gain={self.memory_read_gain!r} needs memory_read='sink', got "
+            if self.memory_read not in ("sink", "broadcast"):
+                raise ValueError(f"memory_read_gain={self.memory_read_gain!r} needs memory_read 'sink' or 'broadcast', got "
                                  f"memory_read={self.memory_read!r}")
             if isinstance(self.memory_read_gain, bool) or not self.memory_read_gain > 0:
                 raise ValueError(f"memory_read_gain={self.memory_read_gain!r}: expected a number > 0")
@@ -713,7 +713,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a segment's first position holds P ('direct') or E(BOS) + g P ('sink'); default: the "
                              "--init-from checkpoint's, else 'direct'")
     parser.add_argument("--memory-read-gain", type=float, default=None, metavar="G",
-                        help="with --memory-read sink: where the read gain g starts (default 0.05; a checkpoint's "
+                        help="with --memory-read sink or broadcast: where the read gain g starts (default 0.05; a checkpoint's "
                              "own gain is kept unless this is given)")
     parser.add_argument("--probe-every", type=int, default=d.probe_every, metavar="N",
                         help="every N steps, log the answer cross-entropy of 2-segment pass-key prompts with each "
