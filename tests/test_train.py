@@ -48,6 +48,20 @@ class CharTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------ objective
+@pytest.mark.parametrize("loss_on", ["last_segment", "after_first", "all"])
+def test_the_objective_scores_what_the_forward_scores(loss_on):
+    """One set of loss_on choices (core.segment.loss_start) for the forward and the training objective."""
+    model = tiny_model()
+    for length in (3 * SEGMENT, 2 * SEGMENT + 3, SEGMENT - 2):
+        ids = corpus(1, docs=2, length=length)
+        expected = model(ids, labels=ids, loss_on=loss_on).loss
+        assert torch.allclose(LastSegmentLoss(model, loss_on)(ids, True), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="loss_on='every'"):
+        LastSegmentLoss(model, "every")
+    with pytest.raises(ValueError, match="loss_on='every'"):
+        model(ids, labels=ids, loss_on="every")
+
+
 def test_last_segment_loss_equals_model_loss_and_checkpointing_keeps_gradients():
     model = tiny_model()
     ids = corpus(1, docs=2, length=3 * SEGMENT)
@@ -369,7 +383,7 @@ def test_hmt_learning_rate_scale_and_option_errors(tmp_path):
           corpus=corpus(), progress=False)
     assert torch.allclose(model.recall.w_q.weight, 0.25 * w_q, rtol=1e-12)
     assert torch.allclose(model.recall.w_k.weight, 0.25 * w_k, rtol=1e-12)
-    for kw, match in ((dict(loss_on="all"), "loss_on"), (dict(distill_weight=-1.0), "distill_weight"),
+    for kw, match in ((dict(loss_on="every"), "loss_on"), (dict(distill_weight=-1.0), "distill_weight"),
                       (dict(recall_init_scale=0.0), "recall_init_scale"),
                       (dict(distill_top_k=0), "distill_top_k"), (dict(hmt_lr_scale=0.0), "hmt_lr_scale")):
         with pytest.raises(ValueError, match=match):

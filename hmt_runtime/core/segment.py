@@ -71,3 +71,20 @@ def carried(cfg, segment_ids: torch.Tensor):
     sensory = segment_ids[:, -cfg.sensory_tokens :] if cfg.sensory_tokens else None
     return sensory, segment_ids[:, -cfg.summary_tokens :]
 
+
+
+LOSS_ON = ("last_segment", "after_first", "all")  # which predictions a loss scores (forward and training)
+
+
+def loss_start(cfg, loss_on: str, length: int) -> int:
+    """The first position t whose prediction (of token t + 1) a loss over ``length`` ids scores: "last_segment"
+    the last segment's positions (the spec's training loss), "after_first" every segment but the first (all of
+    a one-segment input), "all" every position."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on={loss_on!r}: expected one of {LOSS_ON}")
+    ls = cfg.segment_tokens
+    if loss_on == "all":
+        return 0
+    if loss_on == "after_first":
+        return ls if length > ls else 0
+    return ((length - 1) // ls) * ls

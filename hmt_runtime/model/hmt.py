@@ -363,15 +363,15 @@ class HMTModel(nn.Module):
 
         attention_mask: (B, S) of 1 for real tokens; padding must be on the right (rows are then run at their
         own lengths; logits of padded positions are zero).  labels: (B, S) token ids (-100 = ignore); the loss
-        compares logits[:, t] with labels[:, t + 1].  loss_on="last_segment" (the spec's training loss: the
-        positions of the last segment) or "all" (every position).  prompt_end: None, an int or (B,) ints in
+        compares logits[:, t] with labels[:, t + 1].  loss_on: "last_segment" (the spec's training loss: the
+        positions of the last segment), "after_first" (every segment but the first) or "all" (every position):
+        ``core.segment.loss_start``, as in training.  prompt_end: None, an int or (B,) ints in
         [1, S]: the first ``prompt_end`` ids of a row are its prompt and the rest what was generated after it;
         with ``config.prompt_recall`` this is the forward that generation from that prompt equals (spec "Recall
         at the end of a prompt"); without it, it changes nothing.
         """
         input_ids = check_input_ids(input_ids, self.vocab_size)
-        if loss_on not in ("last_segment", "all"):
-            raise ValueError(f"loss_on={loss_on!r}: expected 'last_segment' or 'all'")
+        segment.loss_start(self.config, loss_on, 1)  # checks the choice before any work
         if labels is not None:
             _check_labels(labels, input_ids.shape, self.vocab_size)
         if attention_mask is not None:
@@ -394,10 +394,7 @@ class HMTModel(nn.Module):
         logits = torch.cat(logits, dim=1)
         loss = None
         if labels is not None:
-            first = 0
-            if loss_on == "last_segment":
-                first = ((input_ids.shape[1] - 1) // self.config.segment_tokens) * self.config.segment_tokens
-            loss = shifted_cross_entropy(logits, labels, first)
+            loss = shifted_cross_entropy(logits, labels, segment.loss_start(self.config, loss_on, input_ids.shape[1]))
         return HMTOutput(loss=loss, logits=logits, memories=torch.stack(memories, dim=1))
 
     def _forward_padded(self, input_ids, lengths, labels, use_recall, loss_on, prompt_end=None):

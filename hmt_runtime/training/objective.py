@@ -9,24 +9,22 @@ import torch
 from torch import nn
 
 from ..core import backbones
+from ..core.segment import loss_start
 from ..model.hmt import HMTModel, shifted_cross_entropy
-
-LOSS_ON = ("last_segment", "after_first")
 
 
 class LastSegmentLoss(nn.Module):
     """The training objective as a module (what DDP wraps): ids (B, S) -> mean CE over the last segment.
 
     Equal to ``model(ids, labels=ids, use_recall=..., loss_on="last_segment").loss``, but computes the LM head
-    only on the last segment (the others act only through memory).  ``loss_on="after_first"`` scores every
-    segment but the first instead.  With ``teacher`` (``teacher_topk``'s (log-probs, ids), each (B, S, k)) and
+    only on the last segment (the others act only through memory).  ``loss_on`` "after_first" scores every
+    segment but the first, "all" every position (``core.segment.loss_start``, as the forward does).  With ``teacher`` (``teacher_topk``'s (log-probs, ids), each (B, S, k)) and
     ``distill_weight`` w, the loss is CE + w * KL(teacher || HMT) over the same positions; ``parts`` (a dict)
     receives the two terms."""
 
     def __init__(self, model: HMTModel, loss_on: str = "last_segment"):
         super().__init__()
-        if loss_on not in LOSS_ON:
-            raise ValueError(f"loss_on={loss_on!r}: expected one of {LOSS_ON}")
+        loss_start(model.config, loss_on, 1)  # checks the choice
         self.model = model
         self.loss_on = loss_on
 
@@ -35,14 +33,12 @@ class LastSegmentLoss(nn.Module):
         kept: list[tuple[int, torch.Tensor]] = []
         # with labels (answers), every segment from the one predicting the first scored label
         scored = None if labels is None else (labels != -100).any(dim=0).nonzero()
-        since = None if scored is None or not scored.numel() else int(scored[0]) - 1
+        if scored is not None and scored.numel():
+            since = int(scored[0]) - 1
+        else:
+            since = loss_start(self.model.config, self.loss_on, input_ids.shape[1])
         for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall, prompt_end=prompt_end):
-            if since is not None:
-                if start + hidden.shape[1] > since:
-                    kept.append((start, hidden))
-            elif self.loss_on == "last_segment":
-                kept = [(start, hidden)]
-            elif start > 0 or input_ids.shape[1] <= self.model.config.segment_tokens:
+            if start + hidden.shape[1] > since:
                 kept.append((start, hidden))
         first = kept[0][0]
         logits = self.model.lm_logits(torch.cat([h for _, h in kept], dim=1))

@@ -40,7 +40,8 @@ from .data import Windows, WindowSampler, as_documents, tokenize_files
 from ..core.atomic import recover, staged_dir
 from ..model.hmt import HMTModel
 from ..model.loading import DEFAULT_BACKBONE, load_backbone
-from .objective import LOSS_ON, LastSegmentLoss, segment_checkpointing, teacher_topk
+from ..core.segment import LOSS_ON
+from .objective import LastSegmentLoss, segment_checkpointing, teacher_topk
 
 MODES = ("full", "frozen", "lora")
 PRECISIONS = ("fp32", "bf16")
