@@ -304,13 +304,10 @@ class LlamaEngine(Engine):
             ))
         self.scale = float(getattr(body.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
         self.norm_weight, self.norm_eps = body.norm.weight, body.norm.variance_epsilon
-        with torch.no_grad():
-            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
-            cos, sin = body.rotary_emb(probe, torch.arange(window, device=self.device)[None])
         half = self.head_dim // 2
-        self.cos = cos[0].contiguous()  # (W, D): the positions of one segment
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # signed, see _rotate
+        self.rotary = body.rotary_emb
         self.perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
+        self.cos, self.sin = self.rope(torch.arange(window, device=self.device))  # (W, D): one segment's positions
         self.kv = StaticKV(self.n_layers, kv_rows, window, self.device, self.dtype, (self.kv_heads, self.head_dim))
         self.positions = torch.arange(window, device=self.device)  # (W,)
         self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
@@ -345,13 +342,31 @@ class LlamaEngine(Engine):
         return dict(zip(names, columns), norms=norms, eps=eps, cos=self.cos.float(), sin=self.sin.float())
 
     # -------------------------------------------------------------------------------------------- the layers
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """x: (B, L, d); cos/sin: (B, L, 1, D) (sin signed, see _rotate); attend(layer, q (B, L, Hq, D), k, v (B, L, Hkv, D)) -> (B, L, Hq, D)."""
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's rotary tables at ``positions`` (L,) -> (cos, sin signed) (L, D), in the engine's dtype
+        (see ``rotate``)."""
+        with torch.no_grad():
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            cos, sin = self.rotary(probe, positions[None])
+        half = self.head_dim // 2
+        return cos[0].contiguous(), torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of x (..., D) with tables from ``rope`` broadcast against it."""
+        return _rotate(x, cos, sin, self.perm)
+
+    def run_layers(self, x: torch.Tensor, attend: Callable, cos: torch.Tensor | None = None,
+                  sin: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder layers and the final norm: x (B, L, d) -> hidden (B, L, d).  attend(layer, q (B, L, Hq, D),
+        k, v (B, L, Hkv, D)) -> (B, L, Hq, D); q and k are rotated by cos / sin (B, L, 1, D) (sin signed, see
+        ``_rotate``) when given, else passed un-rotated (an attention that places keys itself: StreamingLLM)."""
         batch, length = x.shape[:2]
         for index, w in enumerate(self.layers):
             h = _rms_norm(x, w.ln_in, w.eps_in)
-            q = _rotate(w.q(h).view(batch, length, self.q_heads, self.head_dim), cos, sin, self.perm)
-            k = _rotate(w.k(h).view(batch, length, self.kv_heads, self.head_dim), cos, sin, self.perm)
+            q = w.q(h).view(batch, length, self.q_heads, self.head_dim)
+            k = w.k(h).view(batch, length, self.kv_heads, self.head_dim)
+            if cos is not None:
+                q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
             v = w.v(h).view(batch, length, self.kv_heads, self.head_dim)
             out = attend(index, q, k, v)
             x = x + w.o(out.reshape(batch, length, self.q_heads * self.head_dim))
@@ -374,7 +389,7 @@ class LlamaEngine(Engine):
         def attend(_, q, k, v):
             return self._sdpa(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
 
-        return self._layers(embeds, cos, sin, attend)
+        return self.run_layers(embeds, attend, cos, sin)
 
     def prefill(self, row: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """Row ``row``: embeds (1, L, d) at segment positions [start, start + L), appended to the row's cache
@@ -401,7 +416,7 @@ class LlamaEngine(Engine):
                 values[:, start:end] = v[0].transpose(0, 1)
                 return self._sdpa(q, keys[None, :, :end], values[None, :, :end], mask=mask, causal=not start)
 
-        hidden = self._layers(embeds, cos, sin, attend)
+        hidden = self.run_layers(embeds, attend, cos, sin)
         kv.set_len(row, end)
         return hidden
 
@@ -440,7 +455,7 @@ class LlamaEngine(Engine):
                                                      attn_mask=mask, scale=self.scale)
                 return out.view(batch, 1, self.q_heads, self.head_dim)
 
-        hidden = self._layers(embeds, cos, sin, attend)
+        hidden = self.run_layers(embeds, attend, cos, sin)
         lens += live
         return hidden
 

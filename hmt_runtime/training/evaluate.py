@@ -16,7 +16,8 @@ Methods (``METHODS``):
   Positions are those inside the cache, as StreamingLLM assigns them: a query at cache position
   ``c = min(t, W - 1)``, a recent key ``t - u`` positions before it, the sinks at 0..3.  Keys are cached
   un-rotated and RoPE is applied at attention time, so each score sees exactly the cache distances; chunks of
-  tokens run at once with a mask that gives every query exactly that view (``streaming_nll``).
+  tokens run at once with a mask that gives every query exactly that view (``streaming_nll``, on the lean
+  engine's layers, ``LlamaEngine.run_layers``, with this attention in place of the engine's).
 - ``full``: the backbone alone with all earlier tokens in context, in chunks of its position limit.
 - ``adapted-windows``: like ``windows`` with the model's LoRA adapter on (only for models with an adapter:
   separates what the adapter learnt about the text from what memory adds).  The other backbone methods run the
@@ -118,25 +119,17 @@ def _sliding_nll(model: HMTModel, doc: torch.Tensor, window: int, stride: int) -
     return total
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, H, L, D) with cos, sin (B, L, D) (the rotate-half convention of Llama)."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def streaming_engine(backbone, window: int):
+    """The lean engine's layers (``incremental.engines.LlamaEngine``) over ``backbone``, for StreamingLLM's
+    attention; a clear error for a backbone they cannot run."""
+    from ..incremental.engines import LlamaEngine, lean_unsupported_reason
 
-
-def _llama_parts(backbone):
-    """(decoder body, layers, rotary embedding) of a Llama-style backbone (RoPE, pre-norm, q/k/v/o_proj)."""
-    body = backbones.decoder_body(backbone)
-    layers = getattr(body, "layers", None)
-    rotary = getattr(body, "rotary_emb", None)
-    if layers is None or rotary is None or not hasattr(layers[0], "self_attn") or \
-            not hasattr(layers[0].self_attn, "q_proj"):
+    reason = lean_unsupported_reason(backbone, window)
+    if reason is not None:
         inner = backbones.unwrap(backbone)
-        raise ValueError(f"method 'streaming': needs a backbone with rotary positions and q/k/v/o projections "
-                         f"(Llama, Mistral, Qwen2 families); got {type(inner).__name__}")
-    return body, layers, rotary
+        raise ValueError(f"method 'streaming': needs a Llama-family backbone (Llama, Mistral, Qwen2: rotary "
+                         f"positions, q/k/v/o projections); got {type(inner).__name__}: {reason}")
+    return LlamaEngine(backbone, kv_rows=1, window=window)
 
 
 def streaming_nll(backbone, lm_logits, doc: torch.Tensor, window: int, sinks: int = SINKS,
@@ -151,13 +144,13 @@ def streaming_nll(backbone, lm_logits, doc: torch.Tensor, window: int, sinks: in
     """
     if window <= sinks:
         raise ValueError(f"window={window}: expected more than the {sinks} sink positions")
-    body, layers, rotary = _llama_parts(backbone)
+    engine = streaming_engine(backbone, window)
+    body = backbones.decoder_body(backbone)
     chunk = chunk or window
     keep = window - sinks - 1  # recent keys a new token needs from before it
     device = doc.device
-    n_layers = len(layers)
-    cache_k = [None] * n_layers  # un-rotated keys (1, Hkv, P, D) of cached positions
-    cache_v = [None] * n_layers
+    cache_k = [None] * engine.n_layers  # un-rotated keys (1, Hkv, P, D) of cached positions
+    cache_v = [None] * engine.n_layers
     cache_pos = torch.zeros(0, dtype=torch.long, device=device)  # document index of each cached position
     nll = []
     for a in range(0, doc.numel(), chunk):
@@ -168,45 +161,31 @@ def streaming_nll(backbone, lm_logits, doc: torch.Tensor, window: int, sinks: in
         visible = (k_pos[None] <= q_pos[:, None]) & (
             (k_pos[None] < sinks) | (k_pos[None] >= q_pos[:, None] - keep))
         is_sink = (k_pos < sinks)[None].expand_as(visible)
-        c = q_pos.clamp(max=window - 1)  # the query's cache position
+        held = (k_pos < sinks) | (k_pos > int(q_pos[-1]) - keep)  # what the next chunk keeps
         # rotary tables: recent scores need only distances t - u (rotate at document index, relative to a);
-        # sink scores need c(t) - s
+        # sink scores need c(t) - s, c(t) = min(t, window - 1) the query's cache position
         base = int(k_pos[0])
-        hidden = body.embed_tokens(ids)
-        like = hidden.new_zeros(()) if hidden.dtype == torch.float64 else hidden.new_zeros((), dtype=torch.float32)
-        cos_q, sin_q = rotary(like, (q_pos - base)[None])
-        cos_k, sin_k = rotary(like, (k_pos - base)[None])
-        cos_c, sin_c = rotary(like, c[None])
-        cos_s, sin_s = rotary(like, k_pos.clamp(max=sinks - 1)[None])
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            shape = (1, ids.shape[1], -1, attn.head_dim)
-            q = attn.q_proj(x).view(shape).transpose(1, 2)
-            k = attn.k_proj(x).view(shape).transpose(1, 2)
-            v = attn.v_proj(x).view(shape).transpose(1, 2)
-            if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
+        q_rot, k_rot = engine.rope(q_pos - base), engine.rope(k_pos - base)
+        c_rot, s_rot = engine.rope(q_pos.clamp(max=window - 1)), engine.rope(k_pos.clamp(max=sinks - 1))
+
+        def attend(i, q, k, v):
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, H, L, D)
             keys = k if cache_k[i] is None else torch.cat([cache_k[i], k], dim=2)
             values = v if cache_v[i] is None else torch.cat([cache_v[i], v], dim=2)
-            groups = q.shape[1] // keys.shape[1]
-            keys_r = _rope(keys, cos_k, sin_k).repeat_interleave(groups, dim=1)
-            keys_s = _rope(keys, cos_s, sin_s).repeat_interleave(groups, dim=1)
-            values_g = values.repeat_interleave(groups, dim=1)
-            recent = _rope(q, cos_q, sin_q) @ keys_r.transpose(-1, -2)
-            sink = _rope(q, cos_c, sin_c) @ keys_s.transpose(-1, -2)
-            scores = torch.where(is_sink[None, None], sink, recent) * attn.scaling
+            group = engine.group
+            recent = engine.rotate(q, *q_rot) @ engine.rotate(keys, *k_rot).repeat_interleave(group, 1).transpose(-1, -2)
+            sink = engine.rotate(q, *c_rot) @ engine.rotate(keys, *s_rot).repeat_interleave(group, 1).transpose(-1, -2)
+            scores = torch.where(is_sink[None, None], sink, recent) * engine.scale
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
             scores = scores.masked_fill(~visible[None, None], float("-inf"))
-            weights = torch.softmax(scores, dim=-1).to(values_g.dtype)
-            out = (weights @ values_g).transpose(1, 2).reshape(1, ids.shape[1], -1)
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            # keep the sinks and the ``keep`` most recent positions for the next chunk
-            held = (k_pos < sinks) | (k_pos > int(q_pos[-1]) - keep)
+            values_g = values.repeat_interleave(group, dim=1)
+            out = torch.softmax(scores, dim=-1).to(values_g.dtype) @ values_g
             cache_k[i], cache_v[i] = keys[:, :, held], values[:, :, held]
-        cache_pos = k_pos[(k_pos < sinks) | (k_pos > int(q_pos[-1]) - keep)]
-        logits = lm_logits(body.norm(hidden))[0]
+            return out.transpose(1, 2)
+
+        hidden = engine.run_layers(body.embed_tokens(ids), attend)
+        cache_pos = k_pos[held]
+        logits = lm_logits(hidden)[0]
         targets = doc[a + 1 : a + 1 + ids.shape[1]]
         nll.append(_token_nll(logits[: targets.numel()], targets))
     per_token = torch.cat(nll)
