@@ -75,6 +75,7 @@ def load_model(args):
 
 def cmd_generate(args) -> int:
     from .incremental.generation import generate, ingest
+    from .incremental.requests import TextPieces
     from .core.checks import check_text
 
     if (args.prompt is None) == (args.prompt_file is None):
@@ -125,8 +126,9 @@ def cmd_generate(args) -> int:
               file=sys.stderr)
     # the prompt's last 200 tokens, then the new ones, decoded as one text (so nothing of the prompt is lost
     # and a character split across the boundary prints whole)
-    echo = _Echo(tokenizer, ids[0, -ECHO_TOKENS:].tolist())
-    print(("..." if ids.shape[1] > ECHO_TOKENS else "") + echo.add([]), end="", flush=True)
+    shown = ids[0, -ECHO_TOKENS:].tolist()
+    echo = TextPieces(tokenizer)
+    print(("..." if ids.shape[1] > ECHO_TOKENS else "") + echo.update(shown), end="", flush=True)
     prompt = last if last is not None else ids
     t1 = time.perf_counter()
     # the scheduler's decode path; a 1-D id prompt streams lists of new ids
@@ -137,8 +139,8 @@ def cmd_generate(args) -> int:
     for chunk in chunks:
         new.extend(chunk)
         if args.stream:
-            print(echo.add(chunk), end="", flush=True)
-    print(echo.add([] if args.stream else new, final=True))
+            print(echo.update(shown + new), end="", flush=True)
+    print(echo.update(shown + new, final=True))
     gen_s = time.perf_counter() - t1
     print(f"\ngenerated {len(new)} tokens in {gen_s:.1f} s ({len(new) / max(gen_s, 1e-9):.2f} tok/s); "
           f"peak memory {peak_rss_mb():.0f} MiB", file=sys.stderr)
@@ -146,24 +148,6 @@ def cmd_generate(args) -> int:
 
 
 ECHO_TOKENS = 200  # prompt tokens echoed before the continuation
-
-
-class _Echo:
-    """The growing text of ``ids`` (prompt tail + new tokens): ``add`` returns what is new since the last call,
-    held back while the text ends in a partial character (a byte-level token split)."""
-
-    def __init__(self, tokenizer, ids: list[int]):
-        self.tokenizer, self.ids, self.sent = tokenizer, list(ids), ""
-
-    def add(self, ids, final: bool = False) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return ""
-        if not text.startswith(self.sent):
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
 
 
 def memory_budget(model) -> dict:
