@@ -4,7 +4,8 @@
 // grouped-query attention over positions [0, lens[b]], the o projection and residual, RMSNorm, the SiLU-gated MLP
 // and residual; then the final RMSNorm.  The projections are the weight-only linear kernels (linear.h: fp32,
 // bf16, int8, Q4_1, Q8_0), each with an optional LoRA adapter applied beside it as its low-rank product
-// (y += scale * B (A x), A x by the same vectorised kernels); attention is the shared CPU attention kernel (attend.h).  The ~25 small operations
+// (y += scale * B (A x), A x by the same vectorised kernels), the projections of one input (q / k / v, gate /
+// up) in one parallel region; attention is the shared CPU attention kernel (attend.h).  The ~25 small operations
 // around the projections run here, on float32 rows, without a dispatcher call each.
 //
 // Contract (hmt_runtime/engines.py, LlamaEngine.decode): x (B, d) float32 input embeddings; per layer l, seven
@@ -40,25 +41,51 @@ struct Projection {
   float lora_scale = 0.0f;
 };
 
-// y (m, N) = x (m, K) W^T (+ b) (+ scale * B (A x)): A x by the vectorised fp32 linear kernels, then y += B s
-// as r axpy passes over contiguous rows of B^T.
-void project(const Projection& p, const float* x, int64_t m, float* y, std::vector<float>& scratch) {
-  linear_parallel(p.base, x, p.base.k, m, y, p.base.n);
-  if (p.lora_bt == nullptr) return;
-  const int64_t n = p.base.n, r = p.lora_a.n;
-  scratch.resize(static_cast<size_t>(m * r));
-  linear_parallel(p.lora_a, x, p.base.k, m, scratch.data(), r);
-  for (int64_t i = 0; i < m; ++i) {
-    float* yi = y + i * n;
-    for (int64_t j = 0; j < r; ++j) {
-      const float s = scratch[i * r + j] * p.lora_scale;
-      const float* bt = p.lora_bt + j * n;
-      for (int64_t o = 0; o < n; ++o) yi[o] += s * bt[o];
+// y_i (m, N_i) = x (m, K) W_i^T (+ b_i) (+ scale_i * B_i (A_i x)) for `count` projections that read the same x
+// (q / k / v; gate / up), in one parallel region: their weight rows and their LoRA A factors split over the pool
+// together (linear_parallel_many, x quantized once for the integer dots); then y_i += B_i s as r axpy passes over
+// contiguous rows of B_i^T.
+void project(const Projection* ps, int count, const float* x, int64_t m, float* const* ys,
+             std::vector<float>& scratch) {
+  std::vector<int64_t> offset(static_cast<size_t>(count), -1);  // each LoRA's (m, r) block in scratch
+  int64_t lora = 0;
+  for (int i = 0; i < count; ++i) {
+    if (ps[i].lora_bt == nullptr) continue;
+    offset[i] = lora;
+    lora += m * ps[i].lora_a.n;
+  }
+  scratch.resize(static_cast<size_t>(lora));
+  std::vector<const PackedLinear*> packed;
+  std::vector<float*> outs;
+  std::vector<int64_t> lds;
+  for (int i = 0; i < count; ++i) {
+    packed.push_back(&ps[i].base);
+    outs.push_back(ys[i]);
+    lds.push_back(ps[i].base.n);
+  }
+  for (int i = 0; i < count; ++i) {
+    if (offset[i] < 0) continue;
+    packed.push_back(&ps[i].lora_a);
+    outs.push_back(scratch.data() + offset[i]);
+    lds.push_back(ps[i].lora_a.n);
+  }
+  linear_parallel_many(packed.data(), static_cast<int>(packed.size()), x, ps[0].base.k, m, outs.data(), lds.data());
+  for (int c = 0; c < count; ++c) {
+    if (offset[c] < 0) continue;
+    const Projection& p = ps[c];
+    const int64_t n = p.base.n, r = p.lora_a.n;
+    const float* s_rows = scratch.data() + offset[c];
+    for (int64_t i = 0; i < m; ++i) {
+      float* yi = ys[c] + i * n;
+      for (int64_t j = 0; j < r; ++j) {
+        const float s = s_rows[i * r + j] * p.lora_scale;
+        const float* bt = p.lora_bt + j * n;
+        for (int64_t o = 0; o < n; ++o) yi[o] += s * bt[o];
+      }
     }
   }
 }
 
-// out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], row by row (LlamaRMSNorm in float32).
 void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t d, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
@@ -166,9 +193,8 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
   for (int64_t l = 0; l < n_layers; ++l) {
     const Projection* p = proj.data() + 7 * l;
     rms_norm(hid, norm_w[2 * l], static_cast<float>(eps[2 * l]), batch, d, h.data());
-    project(p[0], h.data(), batch, q.data(), lora_scratch);
-    project(p[1], h.data(), batch, kk.data(), lora_scratch);
-    project(p[2], h.data(), batch, vv.data(), lora_scratch);
+    float* qkv[3] = {q.data(), kk.data(), vv.data()};
+    project(p, 3, h.data(), batch, qkv, lora_scratch);
     char* kc = static_cast<char*>(k_cache[l].data_ptr());
     char* vc = static_cast<char*>(v_cache[l].data_ptr());
     const int64_t esize = k_cache[l].element_size();
@@ -235,16 +261,18 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
           for (int64_t i = 0; i < head_dim; ++i) dst[g * head_dim + i] = acc[g * head_dim + i] / lsum[g];
       }
     });
-    project(p[3], att.data(), batch, tmp.data(), lora_scratch);
+    float* o_out[1] = {tmp.data()};
+    project(p + 3, 1, att.data(), batch, o_out, lora_scratch);
     for (int64_t i = 0; i < batch * d; ++i) hid[i] += tmp[i];
     rms_norm(hid, norm_w[2 * l + 1], static_cast<float>(eps[2 * l + 1]), batch, d, h.data());
-    project(p[4], h.data(), batch, gate.data(), lora_scratch);
-    project(p[5], h.data(), batch, up.data(), lora_scratch);
+    float* gate_up[2] = {gate.data(), up.data()};
+    project(p + 4, 2, h.data(), batch, gate_up, lora_scratch);
     for (int64_t i = 0; i < batch * inter; ++i) {
       const float g = gate[i];
       gate[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
-    project(p[6], gate.data(), batch, tmp.data(), lora_scratch);
+    float* down_out[1] = {tmp.data()};
+    project(p + 6, 1, gate.data(), batch, down_out, lora_scratch);
     for (int64_t i = 0; i < batch * d; ++i) hid[i] += tmp[i];
   }
   at::Tensor result = at::empty_like(out);

@@ -307,47 +307,82 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 }
 
 
-// run(n0, n1) over all N weight rows: on the calling thread for small products, else contiguous ranges of
-// whole tasks of kRowsPerTask rows (a multiple of every build's weight-row tile), one range per pool thread.
+// run(i, n0, n1) over all weight rows of the `count` projections ps[i] (which read the same m rows of x): on
+// the calling thread for small products, else contiguous ranges of whole tasks of kRowsPerTask rows (a multiple
+// of every build's weight-row tile), one range per pool thread, the tasks of all projections in one list so that
+// they share one parallel region.
 template <class Run>
-void split_weight_rows(const PackedLinear& p, int64_t m, const Run& run) {
+void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, const Run& run) {
   constexpr int64_t kRowsPerTask = 16;
-  const int64_t threads = pool_threads(static_cast<double>(m) * p.n * p.k);
-  const int64_t tasks = (p.n + kRowsPerTask - 1) / kRowsPerTask;
+  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);  // the first task of each projection
+  double work = 0.0;
+  for (int i = 0; i < count; ++i) {
+    first[i + 1] = first[i] + (ps[i]->n + kRowsPerTask - 1) / kRowsPerTask;
+    work += static_cast<double>(m) * ps[i]->n * ps[i]->k;
+  }
+  const int64_t tasks = first[count];
+  const auto range = [&](int64_t t0, int64_t t1) {  // tasks [t0, t1), one call per projection they touch
+    int i = 0;
+    while (first[i + 1] <= t0) ++i;
+    while (t0 < t1) {
+      const int64_t end = std::min(t1, first[i + 1]);
+      run(i, (t0 - first[i]) * kRowsPerTask, std::min(ps[i]->n, (end - first[i]) * kRowsPerTask));
+      t0 = end;
+      ++i;
+    }
+  };
+  const int64_t threads = pool_threads(work);
   if (threads <= 1 || tasks <= 1) {
-    run(int64_t{0}, p.n);
+    range(0, tasks);
     return;
   }
   const int64_t per_thread = (tasks + threads - 1) / threads;
-  at::parallel_for(0, tasks, per_thread, [&](int64_t t0, int64_t t1) {
-    run(t0 * kRowsPerTask, std::min(p.n, t1 * kRowsPerTask));
+  at::parallel_for(0, tasks, per_thread, range);
+}
+
+void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
+                          float* const* ys, const int64_t* ldys) {
+  if (m <= 0 || count <= 0) return;
+  const IsaBuild& build = active();
+  std::vector<LinearArgs> plain(static_cast<size_t>(count));
+  std::vector<DotArgs> dots(static_cast<size_t>(count));
+  std::vector<char> dot(static_cast<size_t>(count), 0);
+  const int64_t k = ps[0]->k, blocks = block_count(k), ldq = blocks * 32;
+  // The integer-dot path: x quantized per block of 32 once (on the calling thread) for every projection that
+  // takes it.
+  thread_local std::vector<int8_t> qx;
+  thread_local std::vector<float> dx, sx;
+  bool quantized = false;
+  for (int i = 0; i < count; ++i) {
+    const PackedLinear& p = *ps[i];
+    TORCH_CHECK(p.k == k, "linear_parallel_many: projections of one x must share K (", p.k, " != ", k, ")");
+    dot[i] = p.int_dot && m < kDotRows;
+    if (!dot[i]) {
+      plain[i] = kernel_args(p, x, ldx, m, ys[i], ldys[i]);
+      continue;
+    }
+    if (!quantized) {
+      qx.resize(static_cast<size_t>(m * ldq));
+      dx.resize(static_cast<size_t>(m * blocks));
+      sx.resize(static_cast<size_t>(m * blocks));
+      build.quantize(x, ldx, m, k, qx.data(), ldq, dx.data(), sx.data());
+      quantized = true;
+    }
+    dots[i] = DotArgs{p.format, p.w, p.row_bytes, k, qx.data(), ldq, dx.data(), sx.data(), m, p.bias, ys[i], ldys[i]};
+  }
+  split_weight_rows(ps, count, m, [&](int i, int64_t n0, int64_t n1) {
+    if (dot[i]) {
+      build.dot(dots[i], n0, n1);
+    } else {
+      build.fn(plain[i], n0, n1);
+    }
   });
 }
 
-// The integer-dot path: x quantized per block of 32 (once, on the calling thread), then the weight rows split
-// over torch's pool.
-void dot_parallel(const IsaBuild& build, const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y,
-                  int64_t ldy) {
-  const int64_t blocks = block_count(p.k), ldq = blocks * 32;
-  thread_local std::vector<int8_t> qx;
-  thread_local std::vector<float> dx, sx;
-  qx.resize(static_cast<size_t>(m * ldq));
-  dx.resize(static_cast<size_t>(m * blocks));
-  sx.resize(static_cast<size_t>(m * blocks));
-  build.quantize(x, ldx, m, p.k, qx.data(), ldq, dx.data(), sx.data());
-  const DotArgs args{p.format, p.w, p.row_bytes, p.k, qx.data(), ldq, dx.data(), sx.data(), m, p.bias, y, ldy};
-  split_weight_rows(p, m, [&](int64_t n0, int64_t n1) { build.dot(args, n0, n1); });
-}
-
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {
-  if (m <= 0) return;
-  if (p.int_dot && m < kDotRows) {
-    dot_parallel(active(), p, x, ldx, m, y, ldy);
-    return;
-  }
-  const RowsFn fn = active().fn;
-  const LinearArgs args = kernel_args(p, x, ldx, m, y, ldy);
-  split_weight_rows(p, m, [&](int64_t n0, int64_t n1) { fn(args, n0, n1); });
+  const PackedLinear* ps[1] = {&p};
+  float* ys[1] = {y};
+  linear_parallel_many(ps, 1, x, ldx, m, ys, &ldy);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
