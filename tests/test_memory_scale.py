@@ -19,6 +19,8 @@ def randomised_model(family="llama", recall="causal", seed=3, **kw):
         for gain in (model.memory_gain, model.memory_read_gain):
             if gain is not None:
                 gain.uniform_(0.05, 3.0, generator=torch.Generator().manual_seed(seed))
+        if model.memory_read_center is not None:
+            model.memory_read_center.normal_(generator=torch.Generator().manual_seed(seed + 1))
     return model
 
 
@@ -177,13 +179,33 @@ def test_a_broadcast_read_adds_the_gain_times_p_to_every_token_position():
     ids = torch.randint(0, VOCAB, (2, 5))
     embeds = model.segment_embeddings(p, ids[:, :2], ids[:, 2:])
     bos = model.embed(torch.tensor([[1]]))[0, 0]
-    gp = model.memory_read_gain[0] * p
+    assert float(model.memory_read_center.abs().min()) > 0
+    gp = model.memory_read_gain[0] * (p - model.memory_read_center[0])
     assert torch.allclose(embeds[:, 0], bos + gp, rtol=0, atol=1e-12)
     assert torch.allclose(embeds[:, 1:-1], model.embed(ids) + gp[:, None], rtol=0, atol=1e-12)
     assert torch.equal(embeds[:, -1], p)
     assert torch.equal(model.token_embeddings(ids, p), embeds[:, 1:-1])
     direct = make_model("llama", seed=3)
     assert torch.equal(direct.token_embeddings(ids, p), direct.embed(ids))  # other reads: E(x) alone
+    assert direct.memory_read_center is None and sink_read_model().memory_read_center is None
+    fresh = make_model("llama", seed=3, memory_read="broadcast")
+    assert torch.equal(fresh.memory_read_center, torch.zeros(1, fresh.width, dtype=fresh.dtype))
+
+
+def test_training_centres_the_broadcast_read_on_the_mean_memory(tmp_path):
+    from hmt_runtime.training.train import CENTER_WINDOWS, center_memory_read
+    from hmt_runtime.training.data import Windows
+
+    model = make_model("llama", seed=3, memory_read="broadcast")
+    docs = [torch.randint(0, VOCAB, (5 * SEGMENT,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    windows = Windows.build(docs, SEGMENT, 2)
+    picks = sorted({i * len(windows) // CENTER_WINDOWS for i in range(CENTER_WINDOWS)})
+    with torch.no_grad():  # the memories the model writes before the centre is set (it reads P - 0)
+        expected = model(windows.batch(picks)).memories.reshape(-1, model.width).mean(0, keepdim=True)
+    center_memory_read(model, docs)
+    assert torch.allclose(model.memory_read_center, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="center_memory_read=True needs memory_read='broadcast'"):
+        TrainConfig(data=["x"], memory_read="sink", center_memory_read=True)
 
 
 @pytest.mark.parametrize("read", ["sink", "broadcast"])

@@ -125,7 +125,8 @@ class HMTModel(nn.Module):
 
     Attributes: ``summary_prompt`` T (1, d), ``memory_init`` M_init (1, d), ``recall.w_q`` / ``recall.w_k``
     (nn.Linear(d, d_h, bias=False)), ``memory_gain`` (1, d) with ``config.memory_scale="input"`` (else None),
-    ``backbone``, ``config`` (HMTConfig), ``tokenizer`` (or None).
+    ``memory_read_gain`` (1, d) with ``config.memory_read`` "sink" or "broadcast", ``memory_read_center`` (1, d)
+    with "broadcast" (else None), ``backbone``, ``config`` (HMTConfig), ``tokenizer`` (or None).
     """
 
     def __init__(self, backbone: nn.Module, config: HMTConfig, tokenizer=None):
@@ -150,7 +151,7 @@ class HMTModel(nn.Module):
         self.recall = Recall(width, config.recall_dim).to(device=device, dtype=dtype)
         self.memory_gain = None
         self.set_memory_scale(config.memory_scale)
-        self.memory_read_gain = None
+        self.memory_read_gain = self.memory_read_center = None
         self.set_memory_read(config.memory_read)
         # the backbone's own attention (restored for the torch ops) and the ops resolved per (device, kernels)
         self.base_attn_implementation = getattr(inner.config, "_attn_implementation", None)
@@ -204,7 +205,8 @@ class HMTModel(nn.Module):
     def set_memory_read(self, memory_read: str, gain: float | None = None) -> None:
         """Switch ``config.memory_read``; "sink" and "broadcast" give the model a ``memory_read_gain`` (1, d)
         starting at ``gain`` (default ``MEMORY_READ_GAIN``; a gain the model already has is kept unless ``gain`` is given),
-        "direct" removes it."""
+        "direct" removes it; "broadcast" also gives it a ``memory_read_center`` (1, d) starting at 0 (kept if it
+        has one; ``center_memory_read`` sets it from data)."""
         if memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={memory_read!r}: expected one of {MEMORY_READS}")
         if gain is not None and (isinstance(gain, bool) or not isinstance(gain, (int, float))
@@ -219,23 +221,34 @@ class HMTModel(nn.Module):
             start = MEMORY_READ_GAIN if gain is None else float(gain)
             self.memory_read_gain = nn.Parameter(torch.full((1, self.width), start, dtype=self.dtype,
                                                             device=self.device))
+        if memory_read != "broadcast":
+            self.memory_read_center = None
+        elif self.memory_read_center is None:
+            self.memory_read_center = nn.Parameter(torch.zeros(1, self.width, dtype=self.dtype, device=self.device))
+
+    def read_term(self, recalled: torch.Tensor) -> torch.Tensor:
+        """What a segment adds to its inputs for its recalled P (B, d) -> (B, d): g * P ("sink"), g * (P - c)
+        ("broadcast"; c = ``memory_read_center``), with g = ``memory_read_gain``."""
+        if self.memory_read_center is not None:
+            recalled = recalled - self.memory_read_center.to(recalled.dtype)
+        return self.memory_read_gain.to(recalled.dtype) * recalled
 
     def memory_input(self, recalled: torch.Tensor) -> torch.Tensor:
         """What a segment's first position holds for its recalled P (B, d): P itself, or with
-        ``memory_read`` "sink" or "broadcast" E(BOS) + memory_read_gain * P (docs/spec.md)."""
+        ``memory_read`` "sink" or "broadcast" E(BOS) + ``read_term(P)`` (docs/spec.md)."""
         if self.memory_read_gain is None:
             return recalled
         bos = backbones.unwrap(self.backbone).config.bos_token_id
         sink = self.embed(torch.tensor([[bos]], device=recalled.device))[0].to(recalled.dtype)
-        return sink + self.memory_read_gain.to(recalled.dtype) * recalled
+        return sink + self.read_term(recalled)
 
     def token_embeddings(self, ids: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
         """The inputs of a segment's sensory and segment tokens: ids (B, L), the segment's recalled P (B, d) ->
-        (B, L, d): E(ids), plus memory_read_gain * P at every position with ``memory_read="broadcast"``."""
+        (B, L, d): E(ids), plus ``read_term(P)`` at every position with ``memory_read="broadcast"``."""
         embeds = self.embed(ids)
         if self.config.memory_read != "broadcast":
             return embeds
-        return embeds + (self.memory_read_gain.to(recalled.dtype) * recalled)[:, None, :].to(embeds.dtype)
+        return embeds + self.read_term(recalled)[:, None, :].to(embeds.dtype)
 
     def memory_embedding(self, hidden: torch.Tensor) -> torch.Tensor:
         """M_n from the final hidden state at a segment's trailing P: hidden (B, d) -> (B, d) (spec step 4;
@@ -445,7 +458,8 @@ class HMTModel(nn.Module):
         """The HMT parameters by checkpoint name: T, M_init, W_q, W_k and the gains the config asks for."""
         named = {"summary_prompt": self.summary_prompt, "memory_init": self.memory_init,
                  "recall.w_q.weight": self.recall.w_q.weight, "recall.w_k.weight": self.recall.w_k.weight,
-                 "memory_gain": self.memory_gain, "memory_read_gain": self.memory_read_gain}
+                 "memory_gain": self.memory_gain, "memory_read_gain": self.memory_read_gain,
+                 "memory_read_center": self.memory_read_center}
         return {name: param for name, param in named.items() if param is not None}
 
     def hmt_parameters(self) -> list[nn.Parameter]:

@@ -133,6 +133,7 @@ class TrainConfig:
     memory_scale: str | None = None
     memory_read: str | None = None
     memory_read_gain: float | None = None
+    center_memory_read: bool = False
     probe_every: int = 0
     retrieval_every: int = 0
     retrieval_segments: int = 3
@@ -180,6 +181,8 @@ class TrainConfig:
                                  f"memory_read={self.memory_read!r}")
             if isinstance(self.memory_read_gain, bool) or not self.memory_read_gain > 0:
                 raise ValueError(f"memory_read_gain={self.memory_read_gain!r}: expected a number > 0")
+        if self.center_memory_read and self.memory_read != "broadcast":
+            raise ValueError(f"center_memory_read=True needs memory_read='broadcast', got memory_read={self.memory_read!r}")
         if self.memory_scale is not None and self.memory_scale not in MEMORY_SCALES:
             raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES} or None")
         if not self.hmt_lr_scale > 0:
@@ -278,6 +281,27 @@ def build_model(config: TrainConfig) -> HMTModel:
         model.warm_start()
     return apply_mode(_scale_recall(model, config.recall_init_scale), config.mode, config.lora_rank,
                       config.lora_targets)
+
+
+CENTER_WINDOWS = 8  # 2-segment windows whose memories set memory_read_center
+
+
+@torch.no_grad()
+def center_memory_read(model: HMTModel, docs: list[torch.Tensor]) -> None:
+    """Set ``memory_read_center`` to the mean memory embedding of ``CENTER_WINDOWS`` 2-segment windows spread
+    over ``docs`` (deterministic), so that a broadcast read adds what distinguishes a memory rather than what all
+    share (docs/spec.md "Reading memory at every position")."""
+    windows = Windows.build(docs, model.config.segment_tokens, 2)
+    if not len(windows):
+        raise ValueError("center_memory_read: the data holds no window of 2 segments")
+    picks = sorted({i * len(windows) // CENTER_WINDOWS for i in range(CENTER_WINDOWS)})
+    was_training = model.training
+    model.eval()
+    try:
+        memories = model(windows.batch(picks).to(model.device)).memories
+    finally:
+        model.train(was_training)
+    model.memory_read_center.copy_(memories.reshape(-1, memories.shape[-1]).mean(0, keepdim=True))
 
 
 def cap_recall_norm(model: HMTModel, cap: float | None) -> None:
@@ -560,6 +584,8 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
         windows.append(win)
         samplers.append(WindowSampler(len(win) if win else 1, config.batch_size, seed=config.seed + 1000 * stage))
 
+    if config.center_memory_read and resume_dir is None:
+        center_memory_read(model, docs)
     params = list(_trainable(model).values())
     hmt_ids = {id(p) for p in model.recall.parameters()}
     groups = [{"params": [p for p in params if id(p) in hmt_ids], "lr": config.lr * config.hmt_lr_scale},
@@ -716,6 +742,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-read-gain", type=float, default=None, metavar="G",
                         help="with --memory-read sink or broadcast: where the read gain g starts (default 0.05; a checkpoint's "
                              "own gain is kept unless this is given)")
+    parser.add_argument("--center-memory-read", action="store_true",
+                        help="with --memory-read broadcast: start memory_read_center at the mean memory of a few "
+                             "windows of the data (default: 0)")
     parser.add_argument("--probe-every", type=int, default=d.probe_every, metavar="N",
                         help="every N steps, log the answer cross-entropy of 2-segment pass-key prompts with each "
                              "prompt's own memory, another's and none (diagnose.memory_use; 0 = never)")
