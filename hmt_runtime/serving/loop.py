@@ -167,7 +167,9 @@ class RequestLoop:
     def submit(self, request: _Request) -> None:
         with self._cond:
             # requests that free rows take at once do not count as waiting; the others must fit in max_queue
-            free, queued = len(self.batch.free_rows()), 0
+            # (len of each of the batch's dicts: safe while the engine thread changes them)
+            batch = self.batch
+            free, queued = self.rows - len(batch.generating) - len(batch.reading) - len(batch.closing), 0
             for other in (*self._waiting, request):
                 if len(other.pending) <= free:
                     free -= len(other.pending)
