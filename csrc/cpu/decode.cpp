@@ -20,6 +20,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -47,29 +48,31 @@ struct Projection {
 // contiguous rows of B_i^T.
 void project(const Projection* ps, int count, const float* x, int64_t m, float* const* ys,
              std::vector<float>& scratch) {
-  std::vector<int64_t> offset(static_cast<size_t>(count), -1);  // each LoRA's (m, r) block in scratch
+  constexpr int kMax = kMaxSharedProjections / 2;  // each projection and its LoRA A
+  TORCH_CHECK(count <= kMax, "project: ", count, " projections of one input; at most ", kMax);
+  std::array<int64_t, kMax> offset;  // each LoRA's (m, r) block in scratch, -1 without LoRA
   int64_t lora = 0;
   for (int i = 0; i < count; ++i) {
-    if (ps[i].lora_bt == nullptr) continue;
-    offset[i] = lora;
-    lora += m * ps[i].lora_a.n;
+    offset[i] = ps[i].lora_bt == nullptr ? -1 : lora;
+    if (offset[i] >= 0) lora += m * ps[i].lora_a.n;
   }
   scratch.resize(static_cast<size_t>(lora));
-  std::vector<const PackedLinear*> packed;
-  std::vector<float*> outs;
-  std::vector<int64_t> lds;
-  for (int i = 0; i < count; ++i) {
-    packed.push_back(&ps[i].base);
-    outs.push_back(ys[i]);
-    lds.push_back(ps[i].base.n);
+  std::array<const PackedLinear*, kMaxSharedProjections> packed;
+  std::array<float*, kMaxSharedProjections> outs;
+  std::array<int64_t, kMaxSharedProjections> lds;
+  int used = 0;
+  for (int i = 0; i < count; ++i, ++used) {
+    packed[used] = &ps[i].base;
+    outs[used] = ys[i];
+    lds[used] = ps[i].base.n;
   }
   for (int i = 0; i < count; ++i) {
     if (offset[i] < 0) continue;
-    packed.push_back(&ps[i].lora_a);
-    outs.push_back(scratch.data() + offset[i]);
-    lds.push_back(ps[i].lora_a.n);
+    packed[used] = &ps[i].lora_a;
+    outs[used] = scratch.data() + offset[i];
+    lds[used++] = ps[i].lora_a.n;
   }
-  linear_parallel_many(packed.data(), static_cast<int>(packed.size()), x, ps[0].base.k, m, outs.data(), lds.data());
+  linear_parallel_many(packed.data(), used, x, ps[0].base.k, m, outs.data(), lds.data());
   for (int c = 0; c < count; ++c) {
     if (offset[c] < 0) continue;
     const Projection& p = ps[c];

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <cstdlib>
@@ -314,7 +315,7 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 template <class Run>
 void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, const Run& run) {
   constexpr int64_t kRowsPerTask = 16;
-  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);  // the first task of each projection
+  std::array<int64_t, kMaxSharedProjections + 1> first{};  // the first task of each projection
   double work = 0.0;
   for (int i = 0; i < count; ++i) {
     first[i + 1] = first[i] + (ps[i]->n + kRowsPerTask - 1) / kRowsPerTask;
@@ -343,10 +344,12 @@ void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, cons
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
                           float* const* ys, const int64_t* ldys) {
   if (m <= 0 || count <= 0) return;
+  TORCH_CHECK(count <= kMaxSharedProjections, "linear_parallel_many: ", count, " projections; at most ",
+              kMaxSharedProjections);
   const IsaBuild& build = active();
-  std::vector<LinearArgs> plain(static_cast<size_t>(count));
-  std::vector<DotArgs> dots(static_cast<size_t>(count));
-  std::vector<char> dot(static_cast<size_t>(count), 0);
+  std::array<LinearArgs, kMaxSharedProjections> plain;  // per call on the hot path: no heap allocation
+  std::array<DotArgs, kMaxSharedProjections> dots;
+  std::array<bool, kMaxSharedProjections> dot{};
   const int64_t k = ps[0]->k, blocks = block_count(k), ldq = blocks * 32;
   // The integer-dot path: x quantized per block of 32 once (on the calling thread) for every projection that
   // takes it.

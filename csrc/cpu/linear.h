@@ -42,8 +42,10 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 // packed from a ":i8" format take the integer dot products (linear_isa.h, DotArgs).
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy);
 
-// linear_parallel of `count` projections ps[i] (same K) of the same x into ys[i] (row stride ldys[i]), in one
-// parallel region: their weight rows split over the pool together, x quantized once for the integer dots.
+// linear_parallel of `count` projections ps[i] (same K, count <= kMaxSharedProjections) of the same x into ys[i]
+// (row stride ldys[i]), in one parallel region: their weight rows split over the pool together, x quantized once
+// for the integer dots.
+constexpr int kMaxSharedProjections = 8;
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
                           float* const* ys, const int64_t* ldys);
 
