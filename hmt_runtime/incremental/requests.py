@@ -143,11 +143,12 @@ class RequestBatch:
         self.reserve(row, sequence)
         self.start(row)
 
-    def read_one(self) -> tuple[Sequence, int, bool] | None:
+    def read_one(self, on_error: OnError | None = None) -> tuple[Sequence, int, bool] | None:
         """One piece of the next input being read (rows take turns) -> (sequence, ids read, whether its input is
-        now read), or None when nothing is being read.  A read prompt generates from the next ``advance``; a
-        sequence with nothing to generate leaves its row (its ``final_state`` taken first if it keeps one).  On
-        an error the row is freed and the error raised."""
+        now read), or None when nothing is being read (or its reading failed).  A read prompt generates from the
+        next ``advance``; a sequence with nothing to generate leaves its row (its ``final_state`` taken first if
+        it keeps one).  On an error the row is freed and the error handed to ``on_error(sequence, "reading the
+        input", error)`` (as in ``advance``), or raised without it."""
         rows = sorted(row for row, (_, job) in self.reading.items() if job is not None)
         if not rows:
             return None
@@ -157,9 +158,12 @@ class RequestBatch:
         before = job.read
         try:
             done = job.step()
-        except BaseException:
+        except BaseException as err:
             self.reading.pop(row, None)  # the Ingestion freed the row
-            raise
+            if on_error is None or not isinstance(err, Exception):
+                raise
+            self._fail(sequence, "reading the input", err, on_error)
+            return None
         if not done:
             return sequence, job.read - before, False
         del self.reading[row]

@@ -268,14 +268,7 @@ class RequestLoop:
 
     def _read_one(self) -> None:
         """One piece of the next input being read (the inputs take turns by row)."""
-        reading = {row: seq for row, (seq, job) in self.batch.reading.items() if job is not None}
-        try:
-            result = self.batch.read_one()
-        except Exception:
-            request = next(seq.owner for row, seq in reading.items() if row not in self.batch.reading)
-            log.exception("request %s: reading its input failed", request.id)
-            self._error(request, _internal("reading the input"))
-            return
+        result = self.batch.read_one(on_error=self._failed)
         if result is None:
             return
         seq, read, done = result
