@@ -111,3 +111,37 @@ def test_the_answer_loss_reads_labels_wherever_they_fall():
         logits = model(ids, prompt_end=25).logits
     expected = torch.nn.functional.cross_entropy(logits[:, 24:28].reshape(-1, 97), ids[:, 25:29].reshape(-1))
     assert torch.isfinite(loss) and torch.allclose(loss, expected, rtol=0, atol=1e-10)
+
+
+def test_detach_memory_trains_only_the_read_side():
+    """With ``detach_memory`` the loss is the same number, but nothing that acts only before the scored
+    segments (M_init: segment 0's memory input) gets gradient; without it, it does."""
+    from hmt_runtime.training.objective import LastSegmentLoss
+
+    model = make_model("llama", "causal", seed=3, prompt_recall=True)
+    ids = torch.randint(0, 97, (2, 3 * 9 + 6), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, -100)
+    labels[:, 18 + 3 : 18 + 6] = ids[:, 18 + 3 : 18 + 6]
+    losses, grads = [], []
+    for detach in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = LastSegmentLoss(model)(ids, use_recall=True, prompt_end=torch.tensor([21, 21]), labels=labels,
+                                      detach_memory=detach)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.memory_init.grad)
+        read = model.recall.w_q.weight.grad
+    assert torch.allclose(losses[0], losses[1], rtol=0, atol=1e-12)
+    assert grads[0] is not None and float(grads[0].abs().sum()) > 0
+    assert grads[1] is None or float(grads[1].abs().sum()) == 0
+    assert read is not None and float(read.abs().sum()) > 0  # the read side (segment 2's recall) still trains
+
+
+def test_training_batch_max_tail_bounds_the_last_segment():
+    cfg = HMTConfig(segment_tokens=200, sensory_tokens=8)
+    rng = random.Random(3)
+    for _ in range(5):
+        ids, prompt_end, _ = retrieval.training_batch(TOK, prose(), 2, cfg, 2, rng, tasks=("passkey",), max_tail=40)
+        assert bool((prompt_end - cfg.segment_tokens <= 40).all()) and bool((prompt_end > cfg.segment_tokens).all())
+    with pytest.raises(ValueError, match="max_tail=10"):
+        retrieval.training_batch(TOK, prose(), 2, cfg, 2, rng, max_tail=10)

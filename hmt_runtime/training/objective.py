@@ -18,9 +18,11 @@ class LastSegmentLoss(nn.Module):
 
     Equal to ``model(ids, labels=ids, use_recall=..., loss_on="last_segment").loss``, but computes the LM head
     only on the last segment (the others act only through memory).  ``loss_on`` "after_first" scores every
-    segment but the first, "all" every position (``core.segment.loss_start``, as the forward does).  With ``teacher`` (``teacher_topk``'s (log-probs, ids), each (B, S, k)) and
-    ``distill_weight`` w, the loss is CE + w * KL(teacher || HMT) over the same positions; ``parts`` (a dict)
-    receives the two terms."""
+    segment but the first, "all" every position (``core.segment.loss_start``, as the forward does).  With
+    ``teacher`` (``teacher_topk``'s (log-probs, ids), each (B, S, k)) and ``distill_weight`` w, the loss is
+    CE + w * KL(teacher || HMT) over the same positions; ``parts`` (a dict) receives the two terms.
+    ``detach_memory``: the segments wholly before the scored ones run without gradient, so only the read side
+    (what the scored segments do with the memories) trains."""
 
     def __init__(self, model: HMTModel, loss_on: str = "last_segment"):
         super().__init__()
@@ -29,7 +31,7 @@ class LastSegmentLoss(nn.Module):
         self.loss_on = loss_on
 
     def forward(self, input_ids: torch.Tensor, use_recall: bool, teacher=None, distill_weight: float = 0.0,
-                parts: dict | None = None, prompt_end=None, labels=None) -> torch.Tensor:
+                parts: dict | None = None, prompt_end=None, labels=None, detach_memory: bool = False) -> torch.Tensor:
         kept: list[tuple[int, torch.Tensor]] = []
         # with labels (answers), every segment from the one predicting the first scored label
         scored = None if labels is None else (labels != -100).any(dim=0).nonzero()
@@ -37,7 +39,12 @@ class LastSegmentLoss(nn.Module):
             since = int(scored[0]) - 1
         else:
             since = loss_start(self.model.config, self.loss_on, input_ids.shape[1])
-        for start, hidden, _ in self.model.iter_segments(input_ids, use_recall=use_recall, prompt_end=prompt_end):
+        ls = self.model.config.segment_tokens
+        segments = self.model.iter_segments(input_ids, use_recall=use_recall, prompt_end=prompt_end)
+        for index in range(-(-input_ids.shape[1] // ls)):
+            # the memories of unscored segments are written by the current weights but taught nothing
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not (detach_memory and (index + 1) * ls <= since)):
+                start, hidden, _ = next(segments)
             if start + hidden.shape[1] > since:
                 kept.append((start, hidden))
         first = kept[0][0]

@@ -226,18 +226,22 @@ def answered(logits: torch.Tensor, sample: Sample) -> bool:
 
 
 def training_batch(tokenizer, prose: list[torch.Tensor], batch: int, cfg, segments: int, rng: random.Random,
-                   tasks=TASKS, split: str = "train"):
+                   tasks=TASKS, split: str = "train", max_tail: int | None = None):
     """A batch of ``split`` samples whose answer lies only in memory: (ids (B, S), prompt_end (B,),
     labels (B, S) = the answer ids, -100 elsewhere).
 
     Every prompt spans ``segments`` segments of ``cfg`` (Ls = cfg.segment_tokens) and ends inside the last one;
     every needle ends before the last segment's sensory tokens, so no window ever holds it with the question.
-    Rows are padded on the right (after the answer) to one length; padding is never scored."""
+    Rows are padded on the right (after the answer) to one length; padding is never scored.  max_tail: at most
+    this many prompt ids in the last segment (cheaper steps; None: up to Ls - ANSWER_ROOM)."""
     if segments < 2:
         raise ValueError(f"segments={segments}: expected >= 2 (the needle's segment and the question's)")
     ls, k = cfg.segment_tokens, cfg.sensory_tokens
     low = min(24, ls - 1)
-    tail = rng.randint(low, max(low, ls - ANSWER_ROOM))  # the answer usually ends in the same segment
+    high = ls - ANSWER_ROOM if max_tail is None else min(ls - ANSWER_ROOM, max_tail)
+    if high < low:
+        raise ValueError(f"max_tail={max_tail}: expected >= {low} (room for a question)")
+    tail = rng.randint(low, max(low, high))  # the answer usually ends in the same segment
     length = (segments - 1) * ls + tail
     rows = [build(tokenizer, rng.choice(tasks), length, rng.random(), rng, split, prose, gap=tail + k + 2)
             for _ in range(batch)]

@@ -89,7 +89,10 @@ class TrainConfig:
     ``split="train"``: a needle in segment-long haystacks of the training text, the question at the end, the
     loss on the answer only), the others language modelling (0: never).  retrieval_segments: such a prompt
     spans 2 to this many segments (drawn per step), so the answer is only in memory.  retrieval_tasks: the
-    tasks drawn from (``retrieval.TASKS``).
+    tasks drawn from (``retrieval.TASKS``); retrieval_tail: at most this many prompt ids in such a prompt's last
+    segment (None: up to the segment's length; fewer make cheaper steps).  detach_memory: the segments before
+    the scored ones run without gradient, so only the read side trains (``LastSegmentLoss``), at about half the
+    cost of a step.
     lora_targets: "attention" (q/k/v/o projections) or "all" (also the MLP's projections).  A model started
     from a checkpoint whose adapter covers only the attention keeps those weights; the new MLP adapters start
     at zero (LoRA's B = 0), so the run starts from exactly the checkpoint's function.
@@ -138,6 +141,8 @@ class TrainConfig:
     retrieval_every: int = 0
     retrieval_segments: int = 3
     retrieval_tasks: list[str] = field(default_factory=lambda: list(retrieval.TASKS))
+    retrieval_tail: int | None = None
+    detach_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -171,6 +176,11 @@ class TrainConfig:
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected one of {LORA_TARGETS}")
         if not self.retrieval_tasks or any(t not in retrieval.TASKS for t in self.retrieval_tasks):
             raise ValueError(f"retrieval_tasks={self.retrieval_tasks!r}: expected one or more of {retrieval.TASKS}")
+        if self.retrieval_tail is not None and (isinstance(self.retrieval_tail, bool)
+                                                or not isinstance(self.retrieval_tail, int) or self.retrieval_tail < 24):
+            raise ValueError(f"retrieval_tail={self.retrieval_tail!r}: expected an integer >= 24 or None")
+        if not isinstance(self.detach_memory, bool):
+            raise ValueError(f"detach_memory={self.detach_memory!r}: expected True or False")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         if self.memory_read is not None and self.memory_read not in MEMORY_READS:
@@ -628,9 +638,11 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                 segments = rng.randint(2, config.retrieval_segments)
                 ids, prompt_end, labels = retrieval.training_batch(model.tokenizer, docs, config.batch_size,
                                                                    model.config, segments, rng,
-                                                                   config.retrieval_tasks)
+                                                                   config.retrieval_tasks,
+                                                                   max_tail=config.retrieval_tail)
                 ids = ids[rank::world].to(device)
-                extra = {"prompt_end": prompt_end[rank::world], "labels": labels[rank::world].to(device)}
+                extra = {"prompt_end": prompt_end[rank::world], "labels": labels[rank::world].to(device),
+                         "detach_memory": config.detach_memory}
                 parts["segments"] = torch.tensor(float(segments))
             else:
                 indices = samplers[stage].next_batch()[rank::world]
@@ -754,6 +766,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retrieval prompts span 2 to this many segments (default %(default)s)")
     parser.add_argument("--retrieval-tasks", nargs="+", choices=retrieval.TASKS, default=d.retrieval_tasks,
                         help="retrieval tasks drawn from (default: all)")
+    parser.add_argument("--retrieval-tail", type=int, default=d.retrieval_tail, metavar="N",
+                        help="at most N prompt ids in a retrieval prompt's last segment (cheaper steps)")
+    parser.add_argument("--detach-memory", action="store_true",
+                        help="retrieval steps train the read side only (memories written without gradient)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")
