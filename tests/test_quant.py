@@ -16,6 +16,7 @@ from torch import nn
 
 from hmt_runtime.native import kernels as native
 from hmt_runtime.native import quant
+from hmt_runtime.model import lean
 
 needs_native = pytest.mark.skipif(not native.available() or not quant._native(),
                                   reason="the native extension hmt_runtime._C is not built")
@@ -428,7 +429,8 @@ def test_default_model_q4_applies_the_adapters_beside_the_blocks():
 
     fp = HMTModel.from_pretrained("default", kernels="torch", weights="fp32")
     q4 = HMTModel.from_pretrained("default", kernels="torch", weights="q4")
-    lora = [m for m in q4.backbone.modules() if type(m).__name__ == "LoraQuantLinear"]
+    assert isinstance(q4.backbone, lean.LlamaForCausalLM)  # no transformers modeling, no peft
+    lora = [m for m in q4.backbone.modules() if isinstance(m, lean.LoraLinear)]
     assert len(lora) == 30 * 7 and all(isinstance(m.base_layer, quant.QuantLinear) for m in lora)  # q k v o gate up down
     ids = q4.tokenizer("Elizabeth walked to Netherfield through the mud, and arrived with her stockings dirty. " * 3,
                        return_tensors="pt").input_ids

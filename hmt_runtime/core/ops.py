@@ -107,6 +107,9 @@ class Ops:
     memory_write: Callable
     attention_with_kvcache: Callable
     attn_implementation: str | None  # transformers attention name for the backbone, None = leave as is
+    # registers attn_implementation with transformers; called once before a transformers backbone takes it (a
+    # backbone that is not transformers' never imports transformers' attention registry)
+    register: Callable | None = None
 
 
 TORCH_OPS = Ops("torch", recall_torch, memory_write_torch, attention_with_kvcache_torch, None)

@@ -85,6 +85,8 @@ def model_ops(model) -> Ops:
         wanted = ops.attn_implementation or model.base_attn_implementation
         inner = unwrap(model.backbone)
         if wanted is not None and getattr(inner.config, "_attn_implementation", None) != wanted:
+            if wanted == ops.attn_implementation and ops.register is not None and not getattr(inner, "hmt_lean", False):
+                ops.register()
             inner.set_attn_implementation(wanted)
         cache[key] = ops
     return cache[key]

@@ -26,7 +26,7 @@ from ..core import backbones
 from ..core import segment
 from ..core import atomic
 from ..native import quant
-from . import hmt_pytorch
+from . import hmt_pytorch, lean
 from .loading import default_weights, load_backbone
 from ..core.atomic import staged_dir
 from ..core.checks import check_finite, check_input_ids, checksum_metadata, verify_checksums
@@ -490,6 +490,9 @@ class HMTModel(nn.Module):
         """
         if not isinstance(save_backbone, bool):
             raise TypeError(f"save_backbone={save_backbone!r}: expected True or False")
+        if save_backbone and isinstance(backbones.unwrap(self.backbone), lean.LlamaForCausalLM):
+            raise ValueError("save_pretrained(save_backbone=True): the backbone is the lean q4 model (the default "
+                             "backbone's GGUF blocks); load the model with weights='fp32' to save a transformers copy")
         tensors = {k: v.contiguous().cpu() for k, v in self.hmt_state_dict().items()}
         for name, value in tensors.items():
             if not bool(torch.isfinite(value).all()):
@@ -500,8 +503,11 @@ class HMTModel(nn.Module):
             identity = self.backbone_identity()
             meta = {"format": FORMAT, "version": 1, "hmt": self.config.to_dict(), "backbone": identity,
                     "dtype": str(self.dtype).replace("torch.", "")}
-            if hasattr(self.backbone, "peft_config"):
-                self.backbone.save_pretrained(tmp / ADAPTER_DIR)
+            if hasattr(self.backbone, "peft_config") or getattr(self.backbone, "lora_config", None) is not None:
+                if hasattr(self.backbone, "peft_config"):
+                    self.backbone.save_pretrained(tmp / ADAPTER_DIR)
+                else:  # the lean model's adapter (hmt_runtime.model.lean), in peft's files
+                    self.backbone.save_adapter(tmp / ADAPTER_DIR)
                 _record_adapter_base(tmp / ADAPTER_DIR, identity.get("source"))
                 meta["adapter"] = ADAPTER_DIR
             if save_backbone:
@@ -661,7 +667,10 @@ class HMTModel(nn.Module):
             source = getattr(backbone, "hmt_source", None)
             adapter = directory / meta["adapter"]
             try:
-                backbone = quant.load_adapter(backbone, adapter)  # peft; also over QuantLinear layers
+                if isinstance(backbone, lean.LlamaForCausalLM):
+                    backbone = lean.attach_adapter(backbone, adapter)  # no peft import
+                else:
+                    backbone = quant.load_adapter(backbone, adapter)  # peft; also over QuantLinear layers
             except Exception as err:  # peft and safetensors raise many error types for a damaged adapter
                 raise ValueError(f"{str(adapter)!r}: the LoRA adapter cannot be loaded ({type(err).__name__}: "
                                  f"{err})") from err

@@ -57,20 +57,29 @@ def default_backbone_folder() -> Path:
     return target
 
 
-def _default_q4(folder: Path, kwargs: dict):
+def _default_q4(folder: Path, kwargs: dict, lean: bool = True):
     """The default backbone in q4 straight from its GGUF: the model is built on the meta device, every linear
     layer and the tied embedding become QuantLinear / QuantEmbedding over the GGUF's own Q4_1 / Q8_0 blocks, and
     only the remaining float tensors (the RMSNorm weights, a few KB) are read from the cached safetensors copy;
-    the rotary tables are computed on the CPU.  Peak memory is the blocks, never a float32 copy of the model."""
+    the rotary tables are computed on the CPU.  Peak memory is the blocks, never a float32 copy of the model.
+    lean: the model is ``hmt_runtime.model.lean.LlamaForCausalLM`` (no transformers modeling import: ~170 MB
+    less resident memory), else transformers' own class."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    options = {"dtype": kwargs["dtype"]}
-    if "attn_implementation" in kwargs:
-        options["attn_implementation"] = kwargs["attn_implementation"]
-    with torch.device("meta"):
-        backbone = AutoModelForCausalLM.from_config(config, **options)
+    if lean:
+        from .lean import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig.from_folder(folder)
+        backbone = LlamaForCausalLM(config)  # on the meta device
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        options = {"dtype": kwargs["dtype"]}
+        if "attn_implementation" in kwargs:
+            options["attn_implementation"] = kwargs["attn_implementation"]
+        with torch.device("meta"):
+            backbone = AutoModelForCausalLM.from_config(config, **options)
     report = quant.quantize_model(backbone, "q4", gguf=_gguf_folder() / _GGUF_FILE, require_gguf=True)
     missing = [name for name, p in backbone.named_parameters() if p.is_meta]
     with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
@@ -110,9 +119,12 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     is None for a folder without tokenizer files.  weights: how the decoder's linear layers and LM head store
     their weights, "fp32" (plain nn.Linear), or "bf16", "int8", "q4" (``hmt_runtime.native.quant.QuantLinear``, float32
     activations and accumulation).  For the default backbone "q4" reads the GGUF's own Q4_1 / Q8_0 blocks (lossless
-    against "fp32"); other backbones are quantized at load (``hmt_runtime.native.quant.quantize_model``).
+    against "fp32"); other backbones are quantized at load (``hmt_runtime.native.quant.quantize_model``).  The
+    default backbone in "q4" (float32 activations, no ``attn_implementation`` asked for) is the lean model of
+    ``hmt_runtime.model.lean`` (transformers' names and config, the lean engine's forward; inference only), which
+    keeps transformers' modeling code and peft out of the process; every other load is transformers' own model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quant.check_format(weights, quant.WEIGHT_FORMATS, name="weights")
 
@@ -129,14 +141,23 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, dtype: torch.dtype = tor
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if weights == "q4" and name_or_path == DEFAULT_BACKBONE and dtype == torch.float32:
-        backbone = _default_q4(folder, kwargs)  # never holds a float32 copy of the projections
+        # never holds a float32 copy of the projections
+        backbone = _default_q4(folder, kwargs, lean=attn_implementation is None)
     else:
+        from transformers import AutoModelForCausalLM
+
         backbone = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         if weights != "fp32":
             gguf = _gguf_folder() / _GGUF_FILE if name_or_path == DEFAULT_BACKBONE else None
             backbone.hmt_quantized = quant.quantize_model(backbone, weights, gguf=gguf)
     tokenizer = None
-    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if name_or_path == DEFAULT_BACKBONE:
+        # its tokenizer class, read without AutoTokenizer's look at the model config (which imports transformers'
+        # modeling utilities: ~60 MB)
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    elif any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     backbone.eval()
     backbone.hmt_weights = weights

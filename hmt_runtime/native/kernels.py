@@ -13,7 +13,9 @@ and other dtypes (e.g. float64), to the torch reference, so results never silent
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 
 import torch
 
@@ -151,8 +153,9 @@ def _attention_supported(query: torch.Tensor) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=None)
 def register() -> str | None:
-    """Register the native attention as ``attn_implementation="hmt_native"`` in transformers.
+    """Register the native attention as ``attn_implementation="hmt_native"`` in transformers (once).
 
     Returns the name, or None when transformers' attention registry is unavailable (the backbone then keeps
     its own attention; recall and memory write still run natively)."""
@@ -166,13 +169,23 @@ def register() -> str | None:
     return ATTN_IMPLEMENTATION
 
 
+def _registry_available() -> bool:
+    try:
+        return importlib.util.find_spec("hmt_kernels.hf") is not None
+    except ImportError:
+        return False
+
+
 def ops() -> Ops:
-    """The native backend as ``hmt_runtime.core.ops.Ops``; ImportError when the extension is not built."""
+    """The native backend as ``hmt_runtime.core.ops.Ops``; ImportError when the extension is not built.  The
+    attention is registered with transformers when a transformers backbone first takes it (``Ops.register``):
+    importing transformers' attention registry imports its modeling code (~170 MB)."""
     _extension()
     return Ops(
         name="native",
         recall=recall,
         memory_write=memory_write,
         attention_with_kvcache=attention_with_kvcache,
-        attn_implementation=register(),
+        attn_implementation=ATTN_IMPLEMENTATION if _registry_available() else None,
+        register=register,
     )
