@@ -93,7 +93,7 @@ class Projection:
     A plain ``nn.Linear`` (its own tensors), a ``QuantLinear`` (``hmt_runtime.native.quant``: fp32 / bf16 / int8 / 4-bit
     weights run by the native kernels), or either one under a peft LoRA adapter.  A LoRA over a float ``nn.Linear``
     is merged into a copy the engine owns (W + scale * B A, computed in float64); a LoRA over a QuantLinear stays
-    beside it (``lora_a`` (r, K), ``lora_b`` (N, r), several adapters stacked into one, scales folded into A).
+    beside it (``lora_a`` (r, K), ``lora_b`` (N, r), several adapters stacked into one, scales folded into B).
     ``__call__(x)``: (..., K) -> (..., N).  ``kernel_args()``: what ``torch.ops.hmt.decode_step`` takes.
     """
 
@@ -113,9 +113,14 @@ class Projection:
             self.quant, self.weight, self.bias = base, base.qweight, base.bias
             if adapters:
                 with torch.no_grad():
-                    self.lora_a = torch.cat([a.float() * scale for a, _, scale in adapters]).contiguous()
-                    self.lora_b = torch.cat([b.float() for _, b, _ in adapters], dim=1).contiguous()
-                    self.lora_bt = self.lora_b.t().contiguous()  # (r, N): the native decode step's layout
+                    # one copy: B^T (r, N), the native decode step's layout, with the scales folded in; A is the
+                    # adapter's own tensor when there is one float32 adapter (several are stacked)
+                    if len(adapters) == 1 and adapters[0][0].dtype == torch.float32 and adapters[0][0].is_contiguous():
+                        self.lora_a = adapters[0][0].detach()
+                    else:
+                        self.lora_a = torch.cat([a.detach().float() for a, _, _ in adapters]).contiguous()
+                    self.lora_bt = torch.cat([b.detach().float().t() * scale for _, b, scale in adapters]).contiguous()
+                    self.lora_b = self.lora_bt.t()  # (N, r), a view
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
