@@ -105,9 +105,7 @@ def cmd_generate(args) -> int:
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError(f"--model {args.model!r} has no tokenizer files; expected a model folder with a tokenizer")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    if args.prompt_tokens:
-        ids = ids[:, : args.prompt_tokens]
+    ids = leading_ids(tokenizer, text, args.prompt_tokens)
     load_s = time.perf_counter() - started
     print(f"model loaded in {load_s:.1f} s; {model.config.describe()}", file=sys.stderr)
 
@@ -148,6 +146,20 @@ def cmd_generate(args) -> int:
 
 
 ECHO_TOKENS = 200  # prompt tokens echoed before the continuation
+_TOKEN_MARGIN = 16  # ids past the wanted ones that a prefix must give, so its first ids are the whole text's
+
+
+def leading_ids(tokenizer, text: str, count: int | None):
+    """The first ``count`` token ids of ``text`` (all of them for None) as a (1, L) tensor, tokenizing only as
+    much of the text as they need (a prefix a few times their length, doubled until it yields ``count`` ids and a
+    margin past them, since the ids of a prefix equal the whole text's away from where it is cut): a prompt file
+    much longer than ``--prompt-tokens`` costs the memory of its prefix, not of its whole tokenization."""
+    chars = len(text) if count is None else min(len(text), 8 * count + 64)
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False, return_tensors="pt").input_ids
+        if chars >= len(text) or ids.shape[1] >= count + _TOKEN_MARGIN:
+            return ids if count is None else ids[:, :count]
+        chars = min(len(text), 2 * chars)
 
 
 def memory_budget(model) -> dict:

@@ -65,3 +65,20 @@ def test_shipped_default_runs_on_the_lean_engine_with_the_peft_models_tokens():
     peft = hmt_runtime.generate(model, [ids], max_new_tokens=new, engine="transformers")[0]
     assert lean == peft
     assert model.generate(torch.tensor([ids]), max_new_tokens=new)[0].tolist() == lean
+
+
+def test_prompt_tokens_tokenize_only_a_prefix_and_equal_the_whole_texts_ids(default):
+    """``hmt generate --prompt-tokens N`` tokenizes a prefix of the file: its N ids equal the first N of the whole
+    text's, for text with long whitespace runs, digits and non-Latin script, and for N beyond the text."""
+    from pathlib import Path
+
+    from hmt_runtime.cli import leading_ids
+
+    _, tokenizer = default
+    text = (Path(__file__).resolve().parents[1] / "data" / "austen" / "emma.txt").read_text(encoding="utf-8")
+    text = text[:30000] + "\n\n\n      Zürich 1816 — 東京  \t\t" + text[30000:60000]
+    whole = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    for count in (1, 7, 200, 3000, whole.shape[1] - 3, whole.shape[1], whole.shape[1] + 50):
+        got = leading_ids(tokenizer, text, count)
+        assert torch.equal(got, whole[:, :count]), count
+    assert torch.equal(leading_ids(tokenizer, text, None), whole)

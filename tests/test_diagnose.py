@@ -66,3 +66,17 @@ def test_attention_on_memory_reads_the_backbones_attention():
     moved = diagnose.attention_on_memory(model, batch=2, read_bias=0.0)  # position 0 is then E(BOS) alone
     assert moved["on_memory"] != out["on_memory"]
     assert model.backbone.config._attn_implementation != "eager"  # restored
+
+
+def test_read_probe_reads_the_answer_position_of_the_forward():
+    """read_probe fits its three probes on the rows it kept (digit answers only) and reports fractions."""
+    from hmt_runtime.training import diagnose
+
+    model = make_model("llama", "causal", seed=4, segment=200, sensory=3, summary=8, prompt_recall=True)
+    model.tokenizer = CharTokenizer()
+    out = diagnose.read_probe(model, samples=24, batch=6, steps=20)
+    assert out["samples"] == 24 and out["chance"] == 0.1
+    for name in ("memory", "read", "other"):
+        assert 0.0 <= out[f"{name}_train_acc"] <= 1.0 and 0.0 <= out[f"{name}_test_acc"] <= 1.0
+    # with 18 training rows and features wider than that a linear probe separates the training rows
+    assert out["memory_train_acc"] == 1.0

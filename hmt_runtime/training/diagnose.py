@@ -215,25 +215,70 @@ def memory_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int 
         memories.append(model(chunk).memories[:, 0].double())
         inputs.append(model.embed(chunk).double().mean(1))
 
-    def fit(features: torch.Tensor) -> tuple[float, float]:
-        features = (features - features.mean(0)) / (features.std(0) + 1e-6)
-        cut = samples * 3 // 4
-        weight = torch.zeros(features.shape[1], 10, dtype=torch.double, requires_grad=True)
-        bias = torch.zeros(10, dtype=torch.double, requires_grad=True)
-        optimizer = torch.optim.Adam([weight, bias], lr=0.05)
-        with torch.enable_grad():
-            for _ in range(steps):
-                optimizer.zero_grad()
-                loss = F.cross_entropy(features[:cut] @ weight + bias, y[:cut]) + 1e-3 * weight.pow(2).sum()
-                loss.backward()
-                optimizer.step()
-        pred = (features @ weight + bias).argmax(-1)
-        return float((pred[:cut] == y[:cut]).double().mean()), float((pred[cut:] == y[cut:]).double().mean())
-
-    train_acc, test_acc = fit(torch.cat(memories))
-    input_train, input_test = fit(torch.cat(inputs))
+    train_acc, test_acc = _fit_digit_probe(torch.cat(memories), y, steps)
+    input_train, input_test = _fit_digit_probe(torch.cat(inputs), y, steps)
     return {"samples": samples, "chance": 0.1, "memory_train_acc": train_acc, "memory_test_acc": test_acc,
             "input_mean_train_acc": input_train, "input_mean_test_acc": input_test}
+
+
+def _fit_digit_probe(features: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
+    """A linear classifier (softmax regression, L2) of ``y`` (digits) from ``features`` (n, d), fitted on the
+    first 3/4 of the rows: (train accuracy, held-out accuracy)."""
+    features = (features - features.mean(0)) / (features.std(0) + 1e-6)
+    cut = features.shape[0] * 3 // 4
+    weight = torch.zeros(features.shape[1], 10, dtype=torch.double, requires_grad=True)
+    bias = torch.zeros(10, dtype=torch.double, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(features[:cut] @ weight + bias, y[:cut]) + 1e-3 * weight.pow(2).sum()
+            loss.backward()
+            optimizer.step()
+    pred = (features @ weight + bias).argmax(-1)
+    return float((pred[:cut] == y[:cut]).double().mean()), float((pred[cut:] == y[cut:]).double().mean())
+
+
+@torch.no_grad()
+def read_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int = 300, batch: int = 16) -> dict:
+    """Does what memory holds reach the position that must answer?  2-segment pass-key prompts (validation
+    phrasings, keys of digits; the key only in memory) are run through the model, and the ``memory_probe``
+    classifier of the key's first digit is fitted on: the memory M_0 (what the write side holds), the final
+    hidden state at the position predicting the answer's first token with the prompt's own memory ("read"),
+    and the same with another prompt's memory ("other": chance if the answer's state depends on the memory at
+    all; the prompt's own tokens hold no key).  read close to M_0: the read side passes the key to the answer
+    and only the LM head's mapping is missing; read at chance: the key is lost on the way."""
+    from . import retrieval
+
+    rng = random.Random(seed)
+    memories, own, other, labels = [], [], [], []
+    while len(labels) < samples:
+        ids, prompt_end, _ = retrieval.training_batch(model.tokenizer, [], batch, model.config, 2, rng,
+                                                      tasks=("passkey",), split="valid")
+        answers = [model.tokenizer.decode(ids[b, int(prompt_end[b]) : int(prompt_end[b]) + 2]).strip()[:1]
+                   for b in range(batch)]
+        keep = torch.tensor([a.isdigit() for a in answers])
+        if not bool(keep.any()):
+            continue
+        rows = torch.arange(batch)
+        hooks = {"own": None, "other": lambda s, c, k: model.recall_memory(
+            s, c.roll(1, 0), k.roll(1, 0), torch.full((c.shape[0],), c.shape[1]))}
+        for name, hook in hooks.items():
+            pieces, first = [], None
+            for _, hidden, memory in model.iter_segments(ids, prompt_end=prompt_end, recall_hook=hook):
+                pieces.append(hidden)
+                first = memory if first is None else first
+            states = torch.cat(pieces, dim=1)[rows, prompt_end - 1]  # the position predicting the answer
+            (own if name == "own" else other).append(states[keep].double())
+            if name == "own":
+                memories.append(first[keep].double())
+        labels += [int(a) for a, k in zip(answers, keep.tolist()) if k]
+    y = torch.tensor(labels[:samples])
+    out = {"samples": samples, "chance": 0.1}
+    for name, parts in (("memory", memories), ("read", own), ("other", other)):
+        train_acc, test_acc = _fit_digit_probe(torch.cat(parts)[:samples], y, steps)
+        out[f"{name}_train_acc"], out[f"{name}_test_acc"] = train_acc, test_acc
+    return out
 
 
 @torch.no_grad()
