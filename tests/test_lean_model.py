@@ -107,3 +107,11 @@ def test_attach_adapter_refuses_a_damaged_adapter(tmp_path):
     with pytest.raises(ValueError, match="use_dora"):
         attempt(tensors, {**config, "use_dora": True})
     assert isinstance(attempt(tensors, config), lean.LlamaForCausalLM)
+
+
+def test_the_lean_adapter_is_frozen_so_no_gradient_goes_missing_silently():
+    from hmt_runtime import HMTModel
+
+    model = HMTModel.from_pretrained("default", kernels="torch")
+    lora = [p for n, p in model.backbone.named_parameters() if "lora_" in n]
+    assert len(lora) == 2 * 30 * 7 and not any(p.requires_grad for p in lora)

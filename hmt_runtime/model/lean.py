@@ -301,6 +301,7 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             self.lora_A["default"].weight.copy_(a)
             self.lora_B["default"].weight.copy_(b)
+        self.requires_grad_(False)  # inference only (the engine runs a copy); train with weights="fp32" and peft
         self.scaling = {"default": float(scaling)}
         self.active_adapters = ["default"]
         self.disable_adapters = False
