@@ -80,3 +80,12 @@ def test_read_probe_reads_the_answer_position_of_the_forward():
         assert 0.0 <= out[f"{name}_train_acc"] <= 1.0 and 0.0 <= out[f"{name}_test_acc"] <= 1.0
     # with 18 training rows and features wider than that a linear probe separates the training rows
     assert out["memory_train_acc"] == 1.0
+
+
+def test_memory_names_key_ranks_digits():
+    from hmt_runtime.training import diagnose
+
+    model = make_model("llama", "causal", seed=4, segment=200, sensory=3, summary=8)
+    model.tokenizer = CharTokenizer()
+    out = diagnose.memory_names_key(model, samples=16)
+    assert out["samples"] == 16 and 0.0 <= out["top1"] <= 1.0 and 0.0 <= out["mean_rank"] <= 9.0

@@ -343,3 +343,32 @@ def attention_on_memory(model: HMTModel, batch: int = 4, seed: int = 0, read_bia
     later = attentions[:, :, :, 40:, :].double()  # (layers, B, heads, queries, keys)
     return {"on_memory": float(later[..., 0].mean()), "on_first_sensory": float(later[..., 1].mean()),
             "on_memory_per_layer": [round(float(v), 4) for v in later[..., 0].mean(dim=(1, 2, 3))]}
+
+
+@torch.no_grad()
+def memory_names_key(model: HMTModel, samples: int = 96, seed: int = 0) -> dict:
+    """Does a memory's own next-token distribution name the key it read?  One-segment pass-key prompts (validation
+    phrasings, keys of digits), the LM head over M_0 restricted to the ten digit tokens: how often the key's first
+    digit ranks first, and its mean rank (chance: 10% and 4.5).  What a read of memory as a token of the
+    backbone's own embedding space (the expected embedding under this distribution) would carry untrained."""
+    from . import retrieval
+
+    tokenizer = model.tokenizer
+    digits = [tokenizer(str(d), add_special_tokens=False).input_ids[0] for d in range(10)]
+    rng = random.Random(seed)
+    ls = model.config.segment_tokens
+    rows, labels = [], []
+    while len(rows) < samples:
+        sample = retrieval.build(tokenizer, "passkey", ls + 8, rng.uniform(0.05, 0.8), rng, "valid")
+        answer = sample.answer.strip()
+        if sample.ids.numel() < ls or not answer[:1].isdigit() or sample.needle_at >= ls - 16:
+            continue
+        rows.append(sample.ids[:ls])
+        labels.append(int(answer[0]))
+    ids = torch.stack(rows)
+    memories = torch.cat([model(ids[i : i + 16]).memories[:, 0] for i in range(0, samples, 16)])
+    logits = model.lm_logits(memories[:, None])[:, 0][:, digits]
+    ranks = [logit.argsort(descending=True).tolist().index(y) for logit, y in zip(logits, labels)]
+    return {"samples": samples, "top1": sum(r == 0 for r in ranks) / samples, "mean_rank": sum(ranks) / samples,
+            "chance_top1": 0.1, "chance_mean_rank": 4.5}
+
