@@ -42,6 +42,11 @@ def test_lean_q4_equals_transformers_q4_over_the_same_blocks():
         shifted_want = reference.model(inputs_embeds=reference.get_input_embeddings()(ids), position_ids=positions,
                                        use_cache=False).last_hidden_state
     assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
+    with torch.no_grad():
+        loss, want_loss = fast(ids, labels=ids).loss, reference(ids, labels=ids).loss
+    assert abs(float(loss) - float(want_loss)) < 1e-4 * float(want_loss)
+    with pytest.raises(ValueError, match="attention_mask"):
+        fast(ids, attention_mask=torch.zeros_like(ids))
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     assert torch.allclose(shifted, shifted_want, rtol=1e-4, atol=1e-4 * float(shifted_want.abs().max()))
 

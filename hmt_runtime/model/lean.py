@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -168,6 +169,7 @@ class BodyOutput:
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
 
 
 class LlamaModel(nn.Module):
@@ -241,9 +243,20 @@ class LlamaForCausalLM(nn.Module):
         """Recorded only: the lean forward's attention is the engine's."""
         self.config._attn_implementation = name
 
-    def forward(self, input_ids: torch.Tensor) -> "CausalLMOutput":
-        """input_ids (B, L) -> ``.logits`` (B, L, V) (positions 0 .. L-1, no cache)."""
-        return CausalLMOutput(self.lm_head(self.model(self.model.embed_tokens(input_ids)).last_hidden_state))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **unused) -> "CausalLMOutput":
+        """input_ids (B, L) -> ``.logits`` (B, L, V) (positions 0 .. L-1, no cache), and with ``labels`` (B, L)
+        ``.loss``, the mean cross-entropy of labels[:, 1:] (-100 ignored), as transformers' model returns them.
+        ``attention_mask`` may only be all ones (rows of one length: the lean forward pads nothing)."""
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
+            raise ValueError("attention_mask: the lean model runs unpadded rows only (a mask of ones); pad-free "
+                             "batches, or the runtime's scheduler, take rows of different lengths")
+        logits = self.lm_head(self.model(self.model.embed_tokens(input_ids)).last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        return CausalLMOutput(logits, loss)
 
     @contextlib.contextmanager
     def disable_adapter(self):
