@@ -80,6 +80,10 @@ def test_read_probe_reads_the_answer_position_of_the_forward():
         assert 0.0 <= out[f"{name}_train_acc"] <= 1.0 and 0.0 <= out[f"{name}_test_acc"] <= 1.0
     # with 18 training rows and features wider than that a linear probe separates the training rows
     assert out["memory_train_acc"] == 1.0
+    layered = diagnose.read_probe(model, samples=24, batch=6, steps=20, per_layer=True)
+    assert len(layered["layer_test_acc"]) == model.backbone.config.num_hidden_layers
+    assert {k: v for k, v in layered.items() if k != "layer_test_acc"} == out  # the hooks change nothing
+    assert all(not layer._forward_hooks for layer in model.backbone.model.layers)
 
 
 def test_memory_names_key_ranks_digits():

@@ -240,18 +240,29 @@ def _fit_digit_probe(features: torch.Tensor, y: torch.Tensor, steps: int) -> tup
 
 
 @torch.no_grad()
-def read_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int = 300, batch: int = 16) -> dict:
+def read_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int = 300, batch: int = 16,
+               per_layer: bool = False) -> dict:
     """Does what memory holds reach the position that must answer?  2-segment pass-key prompts (validation
     phrasings, keys of digits; the key only in memory) are run through the model, and the ``memory_probe``
     classifier of the key's first digit is fitted on: the memory M_0 (what the write side holds), the final
     hidden state at the position predicting the answer's first token with the prompt's own memory ("read"),
     and the same with another prompt's memory ("other": chance if the answer's state depends on the memory at
     all; the prompt's own tokens hold no key).  read close to M_0: the read side passes the key to the answer
-    and only the LM head's mapping is missing; read at chance: the key is lost on the way."""
+    and only the LM head's mapping is missing; read at chance: the key is lost on the way.  ``per_layer``: also
+    the same probe on every decoder layer's output at that position (own memory; a transformers Llama-family
+    backbone), as ``layer_test_acc``: where on the way the key is lost."""
     from . import retrieval
+    from ..core import backbones
 
     rng = random.Random(seed)
     memories, own, other, labels = [], [], [], []
+    layers = backbones.decoder_body(model.backbone).layers if per_layer else []
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: its output in the latest backbone pass
+    by_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+    handles = [layer.register_forward_hook(
+        lambda module, args, output, i=i: seen[i].__setitem__(slice(None), [output[0] if isinstance(output, tuple)
+                                                                            else output]))
+        for i, layer in enumerate(layers)]
     while len(labels) < samples:
         ids, prompt_end, _ = retrieval.training_batch(model.tokenizer, [], batch, model.config, 2, rng,
                                                       tasks=("passkey",), split="valid")
@@ -272,12 +283,24 @@ def read_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int = 
             (own if name == "own" else other).append(states[keep].double())
             if name == "own":
                 memories.append(first[keep].double())
+                # the last backbone pass is the question segment's: [P ; sensory ; tokens ; P]
+                at = 1 + model.config.sensory_tokens + (prompt_end - 1 - model.config.segment_tokens)
+                for i, outputs in enumerate(seen):
+                    if not outputs:
+                        raise ValueError("read_probe(per_layer=True) needs a backbone that runs its decoder layers "
+                                         "as modules (transformers': load with weights='fp32')")
+                    by_layer[i].append(outputs[0][rows, at][keep].double())
         labels += [int(a) for a, k in zip(answers, keep.tolist()) if k]
+    for handle in handles:
+        handle.remove()
     y = torch.tensor(labels[:samples])
     out = {"samples": samples, "chance": 0.1}
     for name, parts in (("memory", memories), ("read", own), ("other", other)):
         train_acc, test_acc = _fit_digit_probe(torch.cat(parts)[:samples], y, steps)
         out[f"{name}_train_acc"], out[f"{name}_test_acc"] = train_acc, test_acc
+    if per_layer:
+        out["layer_test_acc"] = [round(_fit_digit_probe(torch.cat(parts)[:samples], y, steps)[1], 3)
+                                 for parts in by_layer]
     return out
 
 
