@@ -60,8 +60,8 @@ class LlamaConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{str(path)!r}: not a readable model config ({err})") from None
         if not isinstance(fields, dict) or fields.get("model_type") != "llama":
-            raise ValueError(f"{str(path)!r}: model_type {fields.get('model_type') if isinstance(fields, dict) else None!r}; "
-                             "the lean model runs 'llama' only")
+            found = fields.get("model_type") if isinstance(fields, dict) else None
+            raise ValueError(f"{str(path)!r}: model_type {found!r}; the lean model runs 'llama' only")
         return cls(**fields)
 
     def get_text_config(self, *args, **kwargs) -> "LlamaConfig":
@@ -71,14 +71,16 @@ class LlamaConfig:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")} | {"model_type": self.model_type}
 
 
-def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    """An ``nn.Linear`` with uninitialised storage on the meta device, to be replaced by the loader (building it
-    through ``nn.Linear(..., device="meta")`` runs its initialisation through torch's reference ops, which
-    import torch._dynamo: ~100 MB)."""
+def _linear(in_features: int, out_features: int, bias: bool, weight: torch.Tensor | None = None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` (out, in) or, without it, uninitialised storage on the meta device for
+    the loader to replace; never initialised at random (building it through ``nn.Linear(..., device="meta")``
+    runs its initialisation through torch's reference ops, which import torch._dynamo: ~100 MB)."""
     layer = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(layer)
     layer.in_features, layer.out_features = in_features, out_features
-    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"))
+    if weight is None:
+        weight = torch.empty(out_features, in_features, device="meta")
+    layer.weight = nn.Parameter(weight)
     layer.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
     return layer
 
@@ -309,11 +311,8 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float):
         super().__init__()
         self.base_layer = base
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(a.shape[1], a.shape[0], bias=False)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(b.shape[1], b.shape[0], bias=False)})
-        with torch.no_grad():
-            self.lora_A["default"].weight.copy_(a)
-            self.lora_B["default"].weight.copy_(b)
+        self.lora_A = nn.ModuleDict({"default": _linear(a.shape[1], a.shape[0], False, a.contiguous())})
+        self.lora_B = nn.ModuleDict({"default": _linear(b.shape[1], b.shape[0], False, b.contiguous())})
         self.requires_grad_(False)  # inference only (the engine runs a copy); train with weights="fp32" and peft
         self.scaling = {"default": float(scaling)}
         self.active_adapters = ["default"]

@@ -194,21 +194,7 @@ def memory_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int 
     classifier (softmax regression, L2) is fitted on the first 3/4 of the memories M_0 to predict the key's
     first digit and scored on the rest (chance 10%).  The same probe on the mean of the segment's input
     embeddings says whether the digit can be read from the tokens at all by so simple a readout."""
-    from . import retrieval
-
-    rng = random.Random(seed)
-    ls = model.config.segment_tokens
-    rows, labels = [], []
-    while len(rows) < samples:
-        sample = retrieval.build(model.tokenizer, "passkey", ls + 8, rng.uniform(0.05, 0.8), rng, "valid")
-        if sample.ids.numel() < ls or not sample.answer.strip()[:1].isdigit():
-            continue
-        if sample.needle_at >= ls - 16:
-            continue
-        rows.append(sample.ids[:ls])
-        labels.append(int(sample.answer.strip()[0]))
-    ids = torch.stack(rows)
-    y = torch.tensor(labels)
+    ids, y = _one_segment_passkeys(model, samples, seed)
     memories, inputs = [], []
     for start in range(0, samples, 16):
         chunk = ids[start : start + 16]
@@ -219,6 +205,31 @@ def memory_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int 
     input_train, input_test = _fit_digit_probe(torch.cat(inputs), y, steps)
     return {"samples": samples, "chance": 0.1, "memory_train_acc": train_acc, "memory_test_acc": test_acc,
             "input_mean_train_acc": input_train, "input_mean_test_acc": input_test}
+
+
+def _one_segment_passkeys(model: HMTModel, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` pass-key prompts of one segment (validation phrasings, keys of digits, the key anywhere in the
+    segment but its last 16 ids): (ids (samples, Ls), the key's first digit (samples,))."""
+    from . import retrieval
+
+    rng = random.Random(seed)
+    ls = model.config.segment_tokens
+    rows, labels = [], []
+    while len(rows) < samples:
+        sample = retrieval.build(model.tokenizer, "passkey", ls + 8, rng.uniform(0.05, 0.8), rng, "valid")
+        answer = sample.answer.strip()
+        if sample.ids.numel() < ls or not answer[:1].isdigit() or sample.needle_at >= ls - 16:
+            continue
+        rows.append(sample.ids[:ls])
+        labels.append(int(answer[0]))
+    return torch.stack(rows), torch.tensor(labels)
+
+
+def _other_prompts_memory(model: HMTModel):
+    """A ``recall_hook`` that recalls from the next row's cache (the batch rolled by one): each prompt reads
+    another prompt's memories."""
+    return lambda summary, cache, keys: model.recall_memory(summary, cache.roll(1, 0), keys.roll(1, 0),
+                                                            torch.full((cache.shape[0],), cache.shape[1]))
 
 
 def _fit_digit_probe(features: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
@@ -257,42 +268,46 @@ def read_probe(model: HMTModel, samples: int = 400, seed: int = 0, steps: int = 
     rng = random.Random(seed)
     memories, own, other, labels = [], [], [], []
     layers = backbones.decoder_body(model.backbone).layers if per_layer else []
-    seen: list[list[torch.Tensor]] = [[] for _ in layers]  # per layer: its output in the latest backbone pass
+    seen: list[torch.Tensor | None] = [None] * len(layers)  # per layer: its output in the latest backbone pass
     by_layer: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = [layer.register_forward_hook(
-        lambda module, args, output, i=i: seen[i].__setitem__(slice(None), [output[0] if isinstance(output, tuple)
-                                                                            else output]))
-        for i, layer in enumerate(layers)]
-    while len(labels) < samples:
-        ids, prompt_end, _ = retrieval.training_batch(model.tokenizer, [], batch, model.config, 2, rng,
-                                                      tasks=("passkey",), split="valid")
-        answers = [model.tokenizer.decode(ids[b, int(prompt_end[b]) : int(prompt_end[b]) + 2]).strip()[:1]
-                   for b in range(batch)]
-        keep = torch.tensor([a.isdigit() for a in answers])
-        if not bool(keep.any()):
-            continue
-        rows = torch.arange(batch)
-        hooks = {"own": None, "other": lambda s, c, k: model.recall_memory(
-            s, c.roll(1, 0), k.roll(1, 0), torch.full((c.shape[0],), c.shape[1]))}
-        for name, hook in hooks.items():
-            pieces, first = [], None
-            for _, hidden, memory in model.iter_segments(ids, prompt_end=prompt_end, recall_hook=hook):
-                pieces.append(hidden)
-                first = memory if first is None else first
-            states = torch.cat(pieces, dim=1)[rows, prompt_end - 1]  # the position predicting the answer
-            (own if name == "own" else other).append(states[keep].double())
-            if name == "own":
-                memories.append(first[keep].double())
-                # the last backbone pass is the question segment's: [P ; sensory ; tokens ; P]
-                at = 1 + model.config.sensory_tokens + (prompt_end - 1 - model.config.segment_tokens)
-                for i, outputs in enumerate(seen):
-                    if not outputs:
-                        raise ValueError("read_probe(per_layer=True) needs a backbone that runs its decoder layers "
-                                         "as modules (transformers': load with weights='fp32')")
-                    by_layer[i].append(outputs[0][rows, at][keep].double())
-        labels += [int(a) for a, k in zip(answers, keep.tolist()) if k]
-    for handle in handles:
-        handle.remove()
+
+    def keep_output(i: int):
+        def hook(module, args, output):
+            seen[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [layer.register_forward_hook(keep_output(i)) for i, layer in enumerate(layers)]
+    try:
+        while len(labels) < samples:
+            ids, prompt_end, _ = retrieval.training_batch(model.tokenizer, [], batch, model.config, 2, rng,
+                                                          tasks=("passkey",), split="valid")
+            answers = [model.tokenizer.decode(ids[b, int(prompt_end[b]) : int(prompt_end[b]) + 2]).strip()[:1]
+                       for b in range(batch)]
+            keep = torch.tensor([a.isdigit() for a in answers])
+            if not bool(keep.any()):
+                continue
+            rows = torch.arange(batch)
+            hooks = {"own": None, "other": _other_prompts_memory(model)}
+            for name, hook in hooks.items():
+                pieces, first = [], None
+                for _, hidden, memory in model.iter_segments(ids, prompt_end=prompt_end, recall_hook=hook):
+                    pieces.append(hidden)
+                    first = memory if first is None else first
+                states = torch.cat(pieces, dim=1)[rows, prompt_end - 1]  # the position predicting the answer
+                (own if name == "own" else other).append(states[keep].double())
+                if name == "own":
+                    memories.append(first[keep].double())
+                    # the last backbone pass is the question segment's: [P ; sensory ; tokens ; P]
+                    at = 1 + model.config.sensory_tokens + (prompt_end - 1 - model.config.segment_tokens)
+                    for i, output in enumerate(seen):
+                        if output is None:
+                            raise ValueError("read_probe(per_layer=True) needs a backbone that runs its decoder layers "
+                                             "as modules (transformers': load with weights='fp32')")
+                        by_layer[i].append(output[rows, at][keep].double())
+            labels += [int(a) for a, k in zip(answers, keep.tolist()) if k]
+    finally:
+        for handle in handles:
+            handle.remove()
     y = torch.tensor(labels[:samples])
     out = {"samples": samples, "chance": 0.1}
     for name, parts in (("memory", memories), ("read", own), ("other", other)):
@@ -320,9 +335,7 @@ def memory_use(model: HMTModel, batches: int = 4, batch: int = 8, segments: int 
     for _ in range(batches):
         ids, prompt_end, labels = retrieval.training_batch(model.tokenizer, [], batch, model.config, segments, rng,
                                                            tasks=(task,), split="valid")
-        hooks = {"own": None,
-                 "other": lambda s, c, k: model.recall_memory(s, c.roll(1, 0), k.roll(1, 0),
-                                                              torch.full((c.shape[0],), c.shape[1])),
+        hooks = {"own": None, "other": _other_prompts_memory(model),
                  "none": lambda s, c, k: model.memory_init.expand(c.shape[0], -1)}
         for name, hook in hooks.items():
             pieces = []
@@ -374,24 +387,11 @@ def memory_names_key(model: HMTModel, samples: int = 96, seed: int = 0) -> dict:
     phrasings, keys of digits), the LM head over M_0 restricted to the ten digit tokens: how often the key's first
     digit ranks first, and its mean rank (chance: 10% and 4.5).  What a read of memory as a token of the
     backbone's own embedding space (the expected embedding under this distribution) would carry untrained."""
-    from . import retrieval
-
-    tokenizer = model.tokenizer
-    digits = [tokenizer(str(d), add_special_tokens=False).input_ids[0] for d in range(10)]
-    rng = random.Random(seed)
-    ls = model.config.segment_tokens
-    rows, labels = [], []
-    while len(rows) < samples:
-        sample = retrieval.build(tokenizer, "passkey", ls + 8, rng.uniform(0.05, 0.8), rng, "valid")
-        answer = sample.answer.strip()
-        if sample.ids.numel() < ls or not answer[:1].isdigit() or sample.needle_at >= ls - 16:
-            continue
-        rows.append(sample.ids[:ls])
-        labels.append(int(answer[0]))
-    ids = torch.stack(rows)
+    digits = [model.tokenizer(str(d), add_special_tokens=False).input_ids[0] for d in range(10)]
+    ids, labels = _one_segment_passkeys(model, samples, seed)
     memories = torch.cat([model(ids[i : i + 16]).memories[:, 0] for i in range(0, samples, 16)])
     logits = model.lm_logits(memories[:, None])[:, 0][:, digits]
-    ranks = [logit.argsort(descending=True).tolist().index(y) for logit, y in zip(logits, labels)]
+    ranks = [logit.argsort(descending=True).tolist().index(int(y)) for logit, y in zip(logits, labels)]
     return {"samples": samples, "top1": sum(r == 0 for r in ranks) / samples, "mean_rank": sum(ranks) / samples,
             "chance_top1": 0.1, "chance_mean_rank": 4.5}
 
