@@ -148,8 +148,10 @@ def report(result: dict, model: HMTModel, methods, out: Path) -> str:
     rows = result["rows"]
     lines = [f"Retrieval (`split=valid` phrasings). HMT: W = {cfg.window}, k = {cfg.sensory_tokens}, "
              f"N = {cfg.memory_slots}, j = {cfg.summary_tokens}, recall {cfg.recall!r}, prompt_recall "
-             f"{cfg.prompt_recall}; backbone positions per token {(cfg.window + cfg.summary_tokens + 2) / cfg.segment_tokens:.2f}. "
-             f"Sliding / StreamingLLM: W = {cfg.window} positions; full: up to {FULL_LIMIT}.", ""]
+             f"{cfg.prompt_recall}; backbone positions per token {(cfg.window + cfg.summary_tokens + 2) / cfg.segment_tokens:.2f}"
+             + (f"; replay {cfg.replay} slot(s) at the end of a prompt (+{cfg.replay * cfg.slot_tokens} positions "
+                f"once per prompt, KV cache of {cfg.kv_window} positions)" if cfg.replay else "")
+             + f". Sliding / StreamingLLM: W = {cfg.window} positions; full: up to {FULL_LIMIT}.", ""]
     lengths = sorted({r["length"] for r in rows})
     for task in sorted({r["task"] for r in rows}):
         lines += [f"### {task}", "", "| method | " + " | ".join(f"{n:,}" for n in lengths) + " |",
@@ -158,6 +160,9 @@ def report(result: dict, model: HMTModel, methods, out: Path) -> str:
             cells = [_mean([r[method] for r in rows if r["task"] == task and r["length"] == n]) for n in lengths]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         depths = sorted({r["depth"] for r in rows if r["task"] == task})
+        if "hmt" not in methods:
+            lines.append("")
+            continue
         lines += ["", f"HMT per depth (rows) and length (columns), {task}:", "",
                   "| depth | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
         for depth in depths:

@@ -38,7 +38,7 @@ def test_lean_q4_equals_transformers_q4_over_the_same_blocks():
     with torch.no_grad():
         got, want = fast(ids).logits.double(), reference(ids).logits.double()
         positions = torch.arange(5, 5 + ids.shape[1])[None]
-        shifted = fast.model(fast.get_input_embeddings()(ids), position_ids=positions).last_hidden_state
+        shifted = fast.model(inputs_embeds=fast.get_input_embeddings()(ids), position_ids=positions).last_hidden_state
         shifted_want = reference.model(inputs_embeds=reference.get_input_embeddings()(ids), position_ids=positions,
                                        use_cache=False).last_hidden_state
     assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()

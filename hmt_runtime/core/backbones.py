@@ -75,6 +75,12 @@ def max_learned_positions(backbone: nn.Module) -> int | None:
 def check_window(backbone: nn.Module, config) -> None:
     """Refuse an HMT window (positions 0 .. W-1 in every segment) longer than a learned-position backbone embeds."""
     limit = max_learned_positions(backbone)
+    if limit is not None and config.kv_window > config.window and config.kv_window > limit:
+        raise ValueError(
+            f"replay={config.replay}: the segment in which a prompt ends holds {config.kv_window} positions "
+            f"(window {config.window} + {config.replay} x {config.slot_tokens} replayed ids); expected at most "
+            f"{limit}, the positions this backbone's learned position table holds; use a smaller replay or window"
+        )
     if limit is not None and config.window > limit:
         kind = getattr(unwrap(backbone).config, "model_type", type(unwrap(backbone)).__name__)
         raise ValueError(

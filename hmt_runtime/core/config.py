@@ -16,7 +16,8 @@ MEMORY_READS = ("direct", "sink", "broadcast")
 DEFAULT_RECALL = "paper"  # HMTConfig.recall, and `hmt generate|serve --recall` for a fresh HMT
 KERNEL_CHOICES = ("auto", "torch", "triton", "native")  # which kernels run the HMT ops (HMTConfig.kernels)
 # Fields added after the first checkpoints, and the value a config saved without them means.
-SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False, "memory_scale": "hidden", "memory_read": "direct"}
+SAVED_DEFAULTS = {"recall_scale": "sqrt", "prompt_recall": False, "memory_scale": "hidden", "memory_read": "direct",
+                  "replay": 0, "replay_query": 16}
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -51,6 +52,13 @@ class HMTConfig:
         docs/spec.md "Reading memory at the attention sink") or "broadcast" (as "sink", and every sensory and
         segment token's embedding is E(x) + g * P too, so that each position carries P in its own residual
         stream: docs/spec.md "Reading memory at every position").  The trailing position holds P either way.
+    replay: how many memory slots the segment in which a prompt ends reads again as tokens (0 = off, the paper's
+        rule and that of checkpoints that do not record the field; needs ``prompt_recall``).  Each slot keeps,
+        beside its memory embedding, the ids of the window that wrote it (its sensory and segment ids, at most
+        k + Ls); the slots whose ids best match the prompt's last ``replay_query`` ids (``core.replay``) are
+        placed, oldest first, between P and the sensory tokens of that segment: docs/spec.md "Replay at the end
+        of a prompt".  That segment's window then holds up to ``replay * (k + Ls)`` more positions.
+    replay_query: how many of the prompt's last ids choose the replayed slots.
     """
 
     segment_tokens: int = 222
@@ -64,6 +72,8 @@ class HMTConfig:
     prompt_recall: bool = False
     memory_scale: str = "hidden"
     memory_read: str = "direct"
+    replay: int = 0
+    replay_query: int = 16
     window: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +105,27 @@ class HMTConfig:
             raise ValueError(f"memory_scale={self.memory_scale!r}: expected one of {MEMORY_SCALES}")
         if self.memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={self.memory_read!r}: expected one of {MEMORY_READS}")
+        _check_int("replay", self.replay, 0)
+        _check_int("replay_query", self.replay_query, 1)
+        if self.replay and not self.prompt_recall:
+            raise ValueError(f"replay={self.replay}: needs prompt_recall=True (slots are replayed at the end of a "
+                             "prompt)")
+        if self.replay and self.replay_query > self.summary_tokens:
+            raise ValueError(f"replay_query={self.replay_query}: expected at most summary_tokens="
+                             f"{self.summary_tokens} (the prompt's last ids a segment knows)")
+        if self.replay > self.memory_slots:
+            raise ValueError(f"replay={self.replay}: expected at most memory_slots={self.memory_slots}")
         self.window = self.segment_tokens + self.sensory_tokens + 2
+
+    @property
+    def slot_tokens(self) -> int:
+        """Ids kept per memory slot for replay: k + Ls with ``replay``, else 0."""
+        return self.sensory_tokens + self.segment_tokens if self.replay else 0
+
+    @property
+    def kv_window(self) -> int:
+        """Positions a runtime's KV cache holds per row: W, plus the replayed slots' ids (``replay``)."""
+        return self.window + self.replay * self.slot_tokens
 
     @classmethod
     def from_window(cls, window: int, sensory_tokens: int = 32, **kwargs) -> "HMTConfig":
@@ -146,6 +176,8 @@ class HMTConfig:
             + ("; memories at the input scale" if self.memory_scale == "input" else "")
             + {"direct": "", "sink": "; memory read at the attention sink",
                "broadcast": "; memory read at the sink and every position"}[self.memory_read]
+            + (f"; {self.replay} slot(s) replayed at the end of a prompt (chosen by its last {self.replay_query} "
+               "ids)" if self.replay else "")
             + f"; kernels {self.kernels!r}"
         )
 

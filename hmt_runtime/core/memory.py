@@ -23,7 +23,10 @@ from .config import SAVED_DEFAULTS
 _TENSORS = (
     "memory", "keys", "written", "sensory_ids", "sensory_len", "segment_ids", "segment_len",
     "tail_ids", "tail_len", "recalled", "provisional", "started", "segments_done",
+    "slot_ids", "slot_len", "replay_ids", "replay_len",
 )
+_REPLAY = ("slot_ids", "slot_len", "replay_ids", "replay_len")  # absent from files of configs without replay
+_SLOTTED = ("memory", "keys", "slot_ids", "slot_len")  # one entry per ring-buffer slot (dimension 1)
 
 
 @dataclass
@@ -39,6 +42,10 @@ class MemoryState:
     provisional: (B,) bool, P came from a provisional query (paper mode, fewer than j tokens known).
     started: (B,) bool, the current segment has begun (``recalled`` is valid).
     segments_done: (B,) int64, completed segments.
+    slot_ids: (B, N, S) int64, the window ids (sensory + segment) that wrote each slot, S = k + Ls with
+        ``config.replay`` (else 0); slot_len: (B, N) how many.
+    replay_ids: (B, replay * S) int64, the slots' ids the current segment replays (docs/spec.md "Replay at the
+        end of a prompt"); replay_len: (B,) how many (0: none).
     """
 
     memory: torch.Tensor
@@ -54,6 +61,10 @@ class MemoryState:
     provisional: torch.Tensor
     started: torch.Tensor
     segments_done: torch.Tensor
+    slot_ids: torch.Tensor
+    slot_len: torch.Tensor
+    replay_ids: torch.Tensor
+    replay_len: torch.Tensor
 
     @classmethod
     def empty(cls, config, batch_size: int, width: int, device=None, dtype=torch.float32) -> "MemoryState":
@@ -72,6 +83,10 @@ class MemoryState:
             provisional=torch.zeros(batch_size, dtype=torch.bool, device=device),
             started=torch.zeros(batch_size, dtype=torch.bool, device=device),
             segments_done=torch.zeros(batch_size, **long),
+            slot_ids=torch.zeros(batch_size, config.memory_slots, config.slot_tokens, **long),
+            slot_len=torch.zeros(batch_size, config.memory_slots, **long),
+            replay_ids=torch.zeros(batch_size, config.replay * config.slot_tokens, **long),
+            replay_len=torch.zeros(batch_size, **long),
         )
         return state
 
@@ -119,16 +134,20 @@ class MemoryState:
         k = config.sensory_tokens if config is not None else self.sensory_ids.shape[-1]
         ls = config.segment_tokens if config is not None else self.segment_ids.shape[-1]
         j = config.summary_tokens if config is not None else self.tail_ids.shape[-1]
+        per_slot = config.slot_tokens if config is not None else self.slot_ids.shape[-1]
+        replayed = config.replay * config.slot_tokens if config is not None else self.replay_ids.shape[-1]
         shapes = {
             "memory": (batch, slots, width), "keys": (batch, slots, dim), "recalled": (batch, width),
             "sensory_ids": (batch, k), "segment_ids": (batch, ls), "tail_ids": (batch, j),
+            "slot_ids": (batch, slots, per_slot), "slot_len": (batch, slots), "replay_ids": (batch, replayed),
         }
         shapes.update({name: (batch,) for name in _TENSORS if name not in shapes})
         for name, shape in shapes.items():
             tensor = getattr(self, name)
             if tuple(tensor.shape) != shape:
                 dims = {"memory": "(B, N, d)", "keys": "(B, N, d_h)", "recalled": "(B, d)", "sensory_ids": "(B, k)",
-                        "segment_ids": "(B, Ls)", "tail_ids": "(B, j)"}.get(name, "(B,)")
+                        "segment_ids": "(B, Ls)", "tail_ids": "(B, j)", "slot_ids": "(B, N, k + Ls)",
+                        "slot_len": "(B, N)", "replay_ids": "(B, replay x (k + Ls))"}.get(name, "(B,)")
                 raise ValueError(f"{where}: field {name!r} has shape {tuple(tensor.shape)}; expected {dims} = {shape}")
             if name in ("memory", "keys", "recalled"):
                 if not tensor.is_floating_point():
@@ -139,9 +158,12 @@ class MemoryState:
             elif tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
                 raise ValueError(f"{where}: field {name!r} has dtype {tensor.dtype}; expected an integer dtype "
                                  "(torch.long)")
-        limits = {"written": None, "segments_done": None, "sensory_len": k, "segment_len": ls, "tail_len": j}
+        limits = {"written": None, "segments_done": None, "sensory_len": k, "segment_len": ls, "tail_len": j,
+                  "slot_len": per_slot, "replay_len": replayed}
         for name, high in limits.items():
             tensor = getattr(self, name)
+            if not tensor.numel():
+                continue
             low_v, high_v = int(tensor.min()), int(tensor.max())
             if low_v < 0 or (high is not None and high_v > high):
                 bad = low_v if low_v < 0 else high_v
@@ -153,7 +175,7 @@ class MemoryState:
                 row = int(pending.nonzero()[0, 0])
                 raise ValueError(f"{where}: row {row} has {name}={getattr(self, name)[row].item()} but started=False; "
                                  "expected a started segment")
-        for name in ("sensory_ids", "segment_ids", "tail_ids"):
+        for name in ("sensory_ids", "segment_ids", "tail_ids", "slot_ids", "replay_ids"):
             tensor = getattr(self, name)
             if tensor.numel():
                 low_v, high_v = int(tensor.min()), int(tensor.max())
@@ -183,7 +205,7 @@ class MemoryState:
         tensors = {k: v.detach().cpu() for k, v in self.tensors().items()}
         slots = tensors["memory"].shape[1]
         used = min(int(tensors["written"].max()), slots) if tensors["written"].numel() else slots
-        for name in ("memory", "keys"):
+        for name in _SLOTTED:
             tensors[name] = tensors[name][:, :used]
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         meta = {**(metadata or {}), "format": "hmt-memory-state", "version": "1", "memory_slots": str(slots),
@@ -211,13 +233,14 @@ class MemoryState:
                 if meta.get("format") != "hmt-memory-state":
                     raise ValueError("its metadata has no format 'hmt-memory-state'")
                 present = set(f.keys())
-                missing = [name for name in _TENSORS if name not in present]
+                missing = [name for name in _TENSORS if name not in present and name not in _REPLAY]
                 if missing:
                     raise ValueError(f"fields {missing} are missing")
-                tensors = {name: f.get_tensor(name) for name in _TENSORS}
+                tensors = {name: f.get_tensor(name) for name in _TENSORS if name in present}
         except Exception as err:  # safetensors raises several error types for a file that is not one
             raise ValueError(f"{path!r} is not an HMT memory state file ({err})") from err
         verify_checksums(path, tensors, meta)
+        _no_replay(path, tensors)
         _restore_slots(path, tensors, meta)
         if config is not None and "hmt_config" in meta:
             try:
@@ -249,12 +272,27 @@ def _restore_slots(path: str, tensors: dict, meta: dict) -> None:
         raise ValueError(f"{path!r}: metadata field 'memory_slots' is not an integer") from None
     written = tensors["written"]
     used = min(int(written.max()), slots) if written.dim() == 1 and written.numel() else 0
-    for name in ("memory", "keys"):
+    for name in _SLOTTED:
         t = tensors[name]
-        if t.dim() != 3 or t.shape[1] >= slots:
+        if t.dim() != (2 if name == "slot_len" else 3) or t.shape[1] >= slots:
             continue  # a whole ring buffer, or a shape that validate() refuses
         if used > t.shape[1]:
             raise ValueError(f"{path!r}: field {name!r} stores {t.shape[1]} memory slots of {slots} but {used} "
                              "were written")
-        pad = torch.zeros(t.shape[0], slots - t.shape[1], t.shape[2], dtype=t.dtype)
+        pad = torch.zeros(t.shape[0], slots - t.shape[1], *t.shape[2:], dtype=t.dtype)
         tensors[name] = torch.cat([t, pad], dim=1)
+
+
+def _no_replay(path: str, tensors: dict) -> None:
+    """The replay fields of a file written before they existed (or of a config without replay): empty."""
+    if all(name in tensors for name in _REPLAY):
+        return
+    if any(name in tensors for name in _REPLAY):
+        raise ValueError(f"{path!r} is not an HMT memory state file (fields "
+                         f"{[n for n in _REPLAY if n not in tensors]} are missing)")
+    memory = tensors["memory"]
+    batch, slots = (memory.shape[0], memory.shape[1]) if memory.dim() == 3 else (0, 0)
+    tensors["slot_ids"] = torch.zeros(batch, slots, 0, dtype=torch.long)
+    tensors["slot_len"] = torch.zeros(batch, slots, dtype=torch.long)
+    tensors["replay_ids"] = torch.zeros(batch, 0, dtype=torch.long)
+    tensors["replay_len"] = torch.zeros(batch, dtype=torch.long)

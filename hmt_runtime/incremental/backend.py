@@ -113,7 +113,7 @@ def select_backend(model, engine: str = "auto", cuda_graphs="auto") -> Backend:
     and lean) or False.
     """
     check_choices(engine, cuda_graphs)
-    reason = lean_unsupported_reason(model.backbone, model.config.window)
+    reason = lean_unsupported_reason(model.backbone, model.config.kv_window)
     if engine == "lean" and reason is not None:
         raise ValueError(f"engine='lean': {reason}")
     kind = "transformers" if engine == "transformers" or reason is not None else "lean"

@@ -549,8 +549,9 @@ class HFEngine(Engine):
 
 def make_engine(model, rows: int, kind: str, ops=None, fused_decode: bool = False) -> Engine:
     """The engine ``kind`` ("lean" | "transformers", chosen by ``hmt_runtime.incremental.backend.select_backend``) for
-    ``model`` (an HMTModel) with ``rows`` rows of W = ``model.config.window`` positions."""
-    window = model.config.window
+    ``model`` (an HMTModel) with ``rows`` rows of ``model.config.kv_window`` positions (W, and the replayed
+    slots' ids with ``replay``)."""
+    window = model.config.kv_window
     if kind == "lean":
         return LlamaEngine(model.backbone, rows, window, ops, fused_decode)
     if kind == "transformers":

@@ -61,6 +61,7 @@ class _Host:
     sensory_len: int = 0
     segment_len: int = 0
     tail_len: int = 0
+    replay_len: int = 0
 
 
 class Scheduler:
@@ -177,12 +178,12 @@ class Scheduler:
         h = self.host[row] = _Host()
         if state is None:
             return
-        started, provisional, written, sensory, segment, tail = torch.stack([
+        started, provisional, written, sensory, segment, tail, replayed = torch.stack([
             state.started[0].long(), state.provisional[0].long(), state.written[0], state.sensory_len[0],
-            state.segment_len[0], state.tail_len[0]]).tolist()
+            state.segment_len[0], state.tail_len[0], state.replay_len[0]]).tolist()
         h.started, h.provisional, h.written = bool(started), bool(provisional), written
-        h.sensory_len, h.segment_len, h.tail_len = sensory, segment, tail
-        if h.started:  # rebuild the KV cache of the current segment: [P ; E(sensory) ; E(x so far)]
+        h.sensory_len, h.segment_len, h.tail_len, h.replay_len = sensory, segment, tail, replayed
+        if h.started:  # rebuild the KV cache of the current segment: [P ; E(replay) ; E(sensory) ; E(x so far)]
             tokens = self.state.segment_ids[row : row + 1, : h.segment_len]
             hidden = self.engine.prefill(row, self._segment_prefix(row, tokens), 0)
             if h.segment_len:
@@ -190,12 +191,27 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ events
     def _segment_prefix(self, row: int, tokens: torch.Tensor | None = None, trailing: bool = False) -> torch.Tensor:
-        """[P ; E(sensory) ; E(tokens)] of ``row`` (then P again when ``trailing``): (1, 1 + k' + L + trailing, d)."""
+        """[P ; E(replay) ; E(sensory) ; E(tokens)] of ``row`` (then P again when ``trailing``):
+        (1, 1 + r + k' + L + trailing, d)."""
         h = self.host[row]
         sensory = self.state.sensory_ids[row : row + 1, : h.sensory_len] if h.sensory_len else None
+        replayed = self.state.replay_ids[row : row + 1, : h.replay_len] if h.replay_len else None
         if tokens is None:
             tokens = self.state.segment_ids[row : row + 1, :0]
-        return self.model.segment_embeddings(self.state.recalled[row : row + 1], sensory, tokens, trailing=trailing)
+        return self.model.segment_embeddings(self.state.recalled[row : row + 1], sensory, tokens, trailing=trailing,
+                                             replay_ids=replayed)
+
+    def _choose_replay(self, row: int, query_ids: torch.Tensor) -> None:
+        """The slots the end of ``row``'s prompt replays (``HMTModel.replay_choice`` over the ring buffer, oldest
+        slot first; query_ids (1, q) the prompt's last ids) into state.replay_ids / replay_len."""
+        h, st, slots = self.host[row], self.state, self.cfg.memory_slots
+        count = min(h.written, slots)
+        order = [(h.written - count + i) % slots for i in range(count)]
+        lens = st.slot_len[row].tolist()
+        windows = [st.slot_ids[row, o, : lens[o]] for o in order]
+        picked = torch.cat([windows[i] for i in self.model.replay_choice(query_ids[0], windows)])
+        st.replay_ids[row, : picked.numel()] = picked
+        st.replay_len[row] = h.replay_len = picked.numel()
 
     def _summarize(self, query_ids: torch.Tensor) -> torch.Tensor:
         """Spec step 1 on the engine: query_ids (1, j') -> S (1, d)."""
@@ -255,10 +271,13 @@ class Scheduler:
         if not self.cfg.prompt_recall or h.written == 0:
             return
         known = self.state.segment_ids[row : row + 1, : h.segment_len]
-        if h.started and h.segment_len == 0 and not h.provisional:
+        if h.started and h.segment_len == 0 and not h.provisional and not self.cfg.replay:
             return  # a causal start on the boundary already queried the prompt's last j ids
         with torch.no_grad():
-            self._recall(row, rules.prompt_query(self.cfg, self._tail(row), known))
+            query = rules.prompt_query(self.cfg, self._tail(row), known)
+            self._recall(row, query)
+            if self.cfg.replay:  # spec "Replay at the end of a prompt"
+                self._choose_replay(row, query)
             h.started, h.provisional = True, False
             self.state.started[row] = True
             self.state.provisional[row] = False
@@ -304,6 +323,12 @@ class Scheduler:
         if memory is None:
             memory = self.engine.prefill(row, st.recalled[row : row + 1, None, :], self.kv.host_lens[row])[:, -1]
         memory = self.model.memory_embedding(memory)
+        if cfg.replay:  # the slot keeps the ids of the window that wrote it
+            slot = h.written % cfg.memory_slots
+            window = torch.cat([st.sensory_ids[row, : h.sensory_len], st.segment_ids[row]])
+            st.slot_ids[row, slot, : window.numel()] = window
+            st.slot_len[row, slot] = window.numel()
+            st.replay_len[row] = h.replay_len = 0
         self.ops.memory_write(memory, self.model.recall.w_k.weight, st.memory[row : row + 1],
                               st.keys[row : row + 1], st.written[row : row + 1])
         sensory, tail = rules.carried(cfg, st.segment_ids[row : row + 1])

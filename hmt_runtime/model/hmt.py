@@ -23,7 +23,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..core import backbones
-from ..core import segment
+from ..core import replay, segment
 from ..core import atomic
 from ..native import quant
 from . import hmt_pytorch, lean
@@ -156,6 +156,7 @@ class HMTModel(nn.Module):
         # the backbone's own attention (restored for the torch ops) and the ops resolved per (device, kernels)
         self.base_attn_implementation = getattr(inner.config, "_attn_implementation", None)
         self.resolved_ops: dict[tuple[str, str], Ops] = {}
+        self._replay_canon: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -308,14 +309,26 @@ class HMTModel(nn.Module):
         ops = ops or self.prepare_ops()
         return ops.recall(summary, memory, keys, written, self.recall.w_q.weight, scale=self.recall_scale)
 
-    def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True) -> torch.Tensor:
-        """Spec step 3: [P ; E(sensory) ; E(x) ; P] -> (B, 1 + k' + L + trailing, d).
+    def replay_choice(self, query_ids: torch.Tensor, slots: list[torch.Tensor]) -> list[int]:
+        """Which of ``slots`` (1-D id tensors, oldest first) the end of a prompt whose last ids are ``query_ids``
+        (1-D) replays (``core.replay.choose`` with ``config.replay`` and the prompt's last ``replay_query`` ids),
+        oldest first."""
+        if self._replay_canon is None:
+            self._replay_canon = replay.canonical_ids(self.tokenizer, self.vocab_size)
+        return replay.choose(self.config.replay, query_ids[-self.config.replay_query :], slots, self._replay_canon)
 
-        recalled: (B, d); sensory_ids: (B, k') or None; segment_ids: (B, L) (L may be 0).  The first position
+    def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True,
+                           replay_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Spec step 3: [P ; E(replay) ; E(sensory) ; E(x) ; P] -> (B, 1 + r + k' + L + trailing, d).
+
+        recalled: (B, d); sensory_ids: (B, k') or None; segment_ids: (B, L) (L may be 0); replay_ids: (B, r) or
+        None, the replayed slots' ids (docs/spec.md "Replay at the end of a prompt").  The first position
         holds ``memory_input(P)`` (P itself unless ``memory_read`` is "sink" or "broadcast"), the tokens
         ``token_embeddings``, the trailing one P."""
         p = recalled[:, None, :]
         parts = [self.memory_input(recalled)[:, None, :]]
+        if replay_ids is not None and replay_ids.shape[1]:
+            parts.append(self.token_embeddings(replay_ids, recalled))
         if sensory_ids is not None and sensory_ids.shape[1]:
             parts.append(self.token_embeddings(sensory_ids, recalled))
         if segment_ids.shape[1]:
@@ -340,10 +353,12 @@ class HMTModel(nn.Module):
         batch, length = input_ids.shape
         ops = self.prepare_ops()
         memories: list[torch.Tensor] = []
+        windows: list[torch.Tensor] = []  # each segment's window ids (sensory + segment), for replay
         sensory = tail = None
         ends = prompt_end.tolist() if (prompt_end is not None and cfg.prompt_recall) else [None] * batch
         for start in range(0, length, cfg.segment_tokens):
             tokens = input_ids[:, start : start + cfg.segment_tokens]
+            replays: dict[int, torch.Tensor] = {}  # row -> the replayed slots' ids (spec "Replay at the end ...")
             if not memories:
                 recalled = self.memory_init.expand(batch, -1)
             elif not use_recall:
@@ -356,6 +371,10 @@ class HMTModel(nn.Module):
                     if end is not None and segment.prompt_segment(cfg, end) == index:
                         own = segment.prompt_query(cfg, tail[row : row + 1], tokens[row : row + 1, : end - start])
                         summary = torch.cat([summary[:row], self.summarize(own), summary[row + 1 :]])
+                        if cfg.replay:
+                            slots = [w[row] for w in windows[-cfg.memory_slots :]]
+                            picks = self.replay_choice(own[0], slots)
+                            replays[row] = torch.cat([slots[i] for i in picks])
                 cache = torch.stack(memories[-cfg.memory_slots :], dim=1)  # (B, n', d), the newest N
                 keys = self.recall.w_k(cache)
                 written = torch.full((batch,), cache.shape[1], dtype=torch.long, device=input_ids.device)
@@ -363,11 +382,27 @@ class HMTModel(nn.Module):
                     recalled = recall_hook(summary, cache, keys)
                 else:
                     recalled = self.recall_memory(summary, cache, keys, written, ops)
-            hidden = self.run_backbone(self.segment_embeddings(recalled, sensory, tokens))
             n_sensory = 0 if sensory is None else sensory.shape[1]
-            memory = self.memory_embedding(hidden[:, -1])
+            if not replays:
+                hidden = self.run_backbone(self.segment_embeddings(recalled, sensory, tokens))
+                states, last = hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]], hidden[:, -1]
+            else:  # rows that replay slots have longer windows: each runs alone
+                states, last = [], []
+                for row in range(batch):
+                    pick = slice(row, row + 1)
+                    extra = replays.get(row)
+                    hidden = self.run_backbone(self.segment_embeddings(
+                        recalled[pick], None if sensory is None else sensory[pick], tokens[pick],
+                        replay_ids=None if extra is None else extra[None]))
+                    first = 1 + (0 if extra is None else extra.numel()) + n_sensory
+                    states.append(hidden[:, first : first + tokens.shape[1]])
+                    last.append(hidden[:, -1])
+                states, last = torch.cat(states), torch.cat(last)
+            memory = self.memory_embedding(last)
             memories.append(memory)
-            yield start, hidden[:, 1 + n_sensory : 1 + n_sensory + tokens.shape[1]], memory
+            if cfg.replay:
+                windows.append(tokens if sensory is None else torch.cat([sensory, tokens], dim=1))
+            yield start, states, memory
             sensory, tail = segment.carried(cfg, tokens)
 
     def forward(self, input_ids, attention_mask=None, labels=None, use_recall: bool = True, loss_on: str = "last_segment",
@@ -613,7 +648,7 @@ class HMTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path="default", backbone=None, tokenizer=None, kernels: str | None = None,
-                        dtype: torch.dtype | None = None, weights: str | None = None):
+                        dtype: torch.dtype | None = None, weights: str | None = None, replay: int | None = None):
         """Load a checkpoint written by ``save_pretrained``; "default" is the trained HMT shipped for
         SmolLM2-135M.  Without ``backbone``, the backbone recorded in the checkpoint is loaded (offline).
 
@@ -623,7 +658,9 @@ class HMTModel(nn.Module):
         a given ``backbone`` is converted in place); LoRA adapters are applied beside the quantized weights.  None
         (the default): ``loading.default_weights`` of the recorded backbone, i.e. "q4" for the default backbone
         (its GGUF blocks as stored: lossless, and on CPU the fast path; pass "fp32" to train or to run on a GPU)
-        and "fp32" for others; a given ``backbone`` is left as it is.
+        and "fp32" for others; a given ``backbone`` is left as it is.  ``replay``: slots replayed at the end of a
+        prompt (docs/spec.md "Replay at the end of a prompt"); None keeps the checkpoint's, 0 turns it off, a
+        value > 0 turns ``prompt_recall`` on with it.
         """
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype={dtype!r}: expected None or a torch.dtype (e.g. torch.bfloat16)")
@@ -642,6 +679,11 @@ class HMTModel(nn.Module):
             raise ValueError(f"{str(directory / CONFIG_NAME)!r}: field \"hmt\": {err}") from None
         if kernels is not None:
             config.kernels = kernels
+            config.__post_init__()
+        if replay is not None:
+            if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+                raise ValueError(f"replay={replay!r}: expected None or an integer >= 0")
+            config.replay, config.prompt_recall = replay, config.prompt_recall or replay > 0
             config.__post_init__()
         identity = meta.get("backbone", {})
         if backbone is None:

@@ -187,10 +187,15 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.engine_owner = None  # set by LlamaForCausalLM (the engine reads the whole model)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool = False, **unused) -> BodyOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                **unused) -> BodyOutput:
         if past_key_values is not None:
             raise ValueError("the lean Llama model takes no cache (the runtime's engines hold the KV cache)")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("the lean Llama model takes exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
         engine = self.engine_owner.engine()
         length = inputs_embeds.shape[1]
         if position_ids is None:
@@ -253,7 +258,7 @@ class LlamaForCausalLM(nn.Module):
         if attention_mask is not None and not bool((attention_mask == 1).all()):
             raise ValueError("attention_mask: the lean model runs unpadded rows only (a mask of ones); pad-free "
                              "batches, or the runtime's scheduler, take rows of different lengths")
-        logits = self.lm_head(self.model(self.model.embed_tokens(input_ids)).last_hidden_state)
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),

@@ -81,6 +81,8 @@ class TrainConfig:
     and the saved weights are unchanged (a constraint on training, not a change of the model).
     prompt_recall: the HMT config's rule (docs/spec.md "Recall at the end of a prompt"); a run started from a
     checkpoint sets it on that checkpoint's config.
+    replay: slots replayed at the end of a prompt (docs/spec.md "Replay at the end of a prompt"; it turns
+    ``prompt_recall`` on); None keeps a checkpoint's own (``init_from``) and means 0 for a new model.
     memory_scale: the HMT config's ``memory_scale`` ("hidden" or "input", docs/spec.md "Memory at the input
     scale"); None keeps a checkpoint's own (``init_from``) and means "hidden" for a new model.  A run that sets
     "input" on a "hidden" checkpoint starts the memory gain at the token embeddings' RMS.  memory_read: the
@@ -133,6 +135,7 @@ class TrainConfig:
     recall_max_norm: float | None = None
     lora_targets: str = "attention"
     prompt_recall: bool = False
+    replay: int | None = None
     memory_scale: str | None = None
     memory_read: str | None = None
     memory_read_gain: float | None = None
@@ -183,6 +186,9 @@ class TrainConfig:
             raise ValueError(f"detach_memory={self.detach_memory!r}: expected True or False")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
+        if self.replay is not None and (isinstance(self.replay, bool) or not isinstance(self.replay, int)
+                                        or self.replay < 0):
+            raise ValueError(f"replay={self.replay!r}: expected an integer >= 0 or None")
         if self.memory_read is not None and self.memory_read not in MEMORY_READS:
             raise ValueError(f"memory_read={self.memory_read!r}: expected one of {MEMORY_READS} or None")
         if self.memory_read_gain is not None:
@@ -209,7 +215,8 @@ class TrainConfig:
     def hmt_config(self) -> HMTConfig:
         return HMTConfig.from_window(self.window, sensory_tokens=self.sensory_tokens, memory_slots=self.memory_slots,
                                      recall_dim=self.recall_dim, recall=self.recall, kernels="auto",
-                                     prompt_recall=self.prompt_recall, memory_scale=self.memory_scale or "hidden",
+                                     prompt_recall=self.prompt_recall or bool(self.replay),
+                                     replay=self.replay or 0, memory_scale=self.memory_scale or "hidden",
                                      memory_read=self.memory_read or "direct")
 
 
@@ -274,12 +281,15 @@ def build_model(config: TrainConfig) -> HMTModel:
         ours, theirs = config.hmt_config().to_dict(), model.config.to_dict()
         # recall_scale has no training option: the checkpoint's own is kept; prompt_recall is this run's
         diff = {k: (theirs.get(k), v) for k, v in ours.items()
-                if k not in ("kernels", "recall_scale", "prompt_recall", "memory_scale", "memory_read")
+                if k not in ("kernels", "recall_scale", "prompt_recall", "memory_scale", "memory_read", "replay",
+                             "replay_query")
                 and theirs.get(k) != v}
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
-        model.config.prompt_recall = config.prompt_recall
+        replay = model.config.replay if config.replay is None else config.replay
+        model.config.replay, model.config.prompt_recall = replay, config.prompt_recall or replay > 0
+        model.config.__post_init__()
         if config.memory_scale is not None:
             model.set_memory_scale(config.memory_scale)
         if config.memory_read is not None:
@@ -745,6 +755,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="projections the LoRA adapter covers (default %(default)s)")
     parser.add_argument("--prompt-recall", action="store_true",
                         help="the segment in which a prompt ends recalls with the prompt's last j ids")
+    parser.add_argument("--replay", type=int, default=None, metavar="R",
+                        help="slots replayed as tokens at the end of a prompt (turns --prompt-recall on); default: "
+                             "the --init-from checkpoint's, else 0")
     parser.add_argument("--memory-scale", choices=MEMORY_SCALES, default=None,
                         help="memories as final hidden states ('hidden') or RMS-normalised to the token scale "
                              "('input'); default: the --init-from checkpoint's, else 'hidden'")

@@ -1,0 +1,73 @@
+"""Which memory slots the end of a prompt reads again as tokens (docs/spec.md "Replay at the end of a prompt").
+
+Host-side rule, no backbone work, written once: the teacher-forced forward (``HMTModel.iter_segments``) and the
+scheduler (``Scheduler.end_prompt``) both call ``choose``, on the same ids in the same order, so the two paths
+pick the same slots exactly (integer counts and an exactly rounded sum: no kernel's rounding enters).
+
+A slot's ids are the window that wrote its memory embedding (its sensory and segment ids).  With ``n`` slots and
+``df(t)`` the number of slots holding the (canonical) id ``t``, an id's weight is ``idf(t) = log((n + 1) / df(t))``:
+what every slot holds weighs little, what one slot holds weighs most.  A slot scores
+
+    match   = the sum of idf(t) over the distinct ids t it shares with the query (the prompt's last ids),
+    novelty = the mean idf of its distinct ids (how much it differs from the other slots),
+
+and the ``count`` slots ranked highest by (match, novelty, recency) are replayed, oldest first.  Ids are compared
+after ``canonical_ids`` (the token's text lowercased, without its leading-space or newline marker), so that
+"Key", " key" and "key" are one id.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MARKERS = ("\u0120", "\u2581", "\u010a", "\u0109")  # byte-level BPE's space, SentencePiece's space, newline, tab
+
+
+def canonical_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) int64: each id's canonical id (one per lowercased token text without its space / newline
+    markers); ids the tokenizer does not name map to ids of their own.  Without a tokenizer: the identity."""
+    table = torch.arange(vocab_size, dtype=torch.long)
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return table
+    names = convert(list(range(min(vocab_size, len(tokenizer)))))
+    index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        text = name
+        for marker in _MARKERS:
+            text = text.replace(marker, "")
+        text = text.strip().lower() or name
+        table[i] = index.setdefault(text, i)
+    return table
+
+
+def choose(count: int, query: torch.Tensor, slots: list[torch.Tensor], canon: torch.Tensor | None = None) -> list[int]:
+    """The indices (ascending: oldest first) of the ``count`` slots to replay.
+
+    query: (q,) ids, the prompt's last ids; slots: 1-D id tensors, oldest first; canon: ``canonical_ids`` or None.
+    """
+    if count < 1 or not slots:
+        return []
+    if canon is not None:
+        query = canon[query.cpu()]
+        slots = [canon[s.cpu()] for s in slots]
+    sets = [torch.unique(s.cpu()) for s in slots]
+    n = len(sets)
+    every = torch.cat(sets)
+    size = int(every.max()) + 1 if every.numel() else 1
+    df = torch.bincount(every, minlength=size)
+    idf = torch.log((n + 1) / df.clamp_min(1).double())
+    asked = torch.zeros(size, dtype=torch.bool)
+    wanted = torch.unique(query.cpu())
+    asked[wanted[(wanted >= 0) & (wanted < size)]] = True
+    ranked = []
+    for i, ids in enumerate(sets):
+        weights = idf[ids]
+        match = math.fsum(weights[asked[ids]].tolist())
+        novelty = math.fsum(weights.tolist()) / max(1, ids.numel())
+        ranked.append((match, novelty, i))
+    ranked.sort(reverse=True)
+    return sorted(i for _, _, i in ranked[:count])
