@@ -47,7 +47,12 @@ def test_generation_equals_the_forward_with_the_prompt_end(family, recall):
 @pytest.mark.parametrize("recall", ["causal", "paper"])
 def test_scheduler_logits_equal_the_forward_with_the_prompt_end(family, recall):
     """Logits, not only argmaxes: after the prompt and after each fed token of a fixed continuation."""
-    model = make_model(family, recall, seed=3, prompt_recall=True)
+    assert_scheduler_logits_equal_the_forward(make_model(family, recall, seed=3, prompt_recall=True), recall)
+
+
+def assert_scheduler_logits_equal_the_forward(model, recall):
+    """The scheduler's logits after each of ``prompts()`` and after each fed token of a continuation that
+    closes the prompt's segment, against ``model(ids, prompt_end=...)`` (paper mode: where generation is exact)."""
     gen = torch.Generator().manual_seed(7)
     for prompt in prompts():
         more = torch.randint(0, VOCAB, (SEGMENT + 3,), generator=gen)

@@ -7,7 +7,7 @@ from hmt_runtime import HMTConfig, MemoryState, generate, ingest
 from hmt_runtime.core import replay
 from hmt_runtime.incremental.scheduler import Scheduler
 from helpers import SEGMENT, VOCAB, CharTokenizer, make_model
-from test_prompt_recall import forward_greedy_from_prompt, prompts
+from test_prompt_recall import assert_scheduler_logits_equal_the_forward, forward_greedy_from_prompt, prompts
 
 J = 4  # make_model's summary_tokens
 
@@ -75,21 +75,7 @@ def test_config_checks_and_records_replay():
 @pytest.mark.parametrize("count", [1, 2])
 def test_scheduler_logits_equal_the_forward_with_replay(family, recall, count):
     """Logits after the prompt and after each fed token of a continuation that closes the replaying segment."""
-    model = replay_model(family, recall, count)
-    gen = torch.Generator().manual_seed(7)
-    for prompt in prompts():
-        more = torch.randint(0, VOCAB, (SEGMENT + 3,), generator=gen)
-        ids = torch.cat([torch.tensor(prompt), more])
-        with torch.no_grad():
-            expected = model(ids[None], prompt_end=len(prompt)).logits[0]
-        sched = Scheduler(model, rows=1)
-        row = sched.add(torch.tensor(prompt))
-        first_later = (len(prompt) // SEGMENT + 1) * SEGMENT
-        for i in range(len(prompt), ids.shape[0]):
-            if recall == "causal" or i <= first_later or (i - 1) % SEGMENT >= J - 1:
-                assert torch.allclose(sched.logits[row], expected[i - 1], rtol=0, atol=1e-9), (len(prompt), i)
-            sched.tokens[row] = ids[i]
-            sched.step()
+    assert_scheduler_logits_equal_the_forward(replay_model(family, recall, count), recall)
 
 
 @pytest.mark.parametrize("count", [1, 2])
