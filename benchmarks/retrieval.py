@@ -15,6 +15,9 @@ Methods, each at the memory it needs:
 - ``sliding``: the backbone alone on the last W tokens (the most a sliding window of W ever sees).
 - ``streaming``: the backbone alone on 4 attention sinks + the last W - 4 tokens, positions as in StreamingLLM.
 - ``full``: the backbone alone with the whole prompt in context, up to its 8,192 positions ("n/a" beyond).
+- ``replay-hit``: no backbone work: whether the slots HMT replays at the end of the prompt (docs/spec.md "Replay at
+  the end of a prompt") hold the answer's ids, i.e. whether memory handed the reader the text to answer from
+  ("n/a" without replay).  Beside ``hmt`` it separates what memory retrieved from what the backbone then read.
 The teacher-forced methods score the answer's tokens by argmax of the logits before each: the same test as
 greedy decoding of the answer's length.
 
@@ -46,7 +49,7 @@ from hmt_runtime.training import evaluate  # noqa: E402
 from hmt_runtime.training import retrieval  # noqa: E402
 from hmt_runtime.training.data import tokenize_files  # noqa: E402
 
-METHODS = ("hmt", "hmt-no-recall", "rmt", "sliding", "streaming", "full")
+METHODS = ("hmt", "hmt-no-recall", "rmt", "sliding", "streaming", "full", "replay-hit")
 VALID_PROSE = (ROOT / "data" / "austen" / "persuasion.txt", ROOT / "data" / "corpus" / "valid" / "technical")
 FULL_LIMIT = 8192
 SINKS = 4
@@ -73,10 +76,33 @@ def _backbone(model: HMTModel, ids: torch.Tensor, answer: int) -> torch.Tensor:
     return logits[-answer - 1 : -1]
 
 
+def replayed_ids(model: HMTModel, sample) -> torch.Tensor | None:
+    """The ids the segment in which ``sample``'s prompt ends replays (None: no replay, or no slot written yet):
+    the slots are the windows (sensory + segment ids) of the segments before it, the newest N, as the forward and
+    the scheduler keep them."""
+    cfg = model.config
+    ls, k, end = cfg.segment_tokens, cfg.sensory_tokens, sample.prompt_end
+    written = end // ls  # segments closed before the prompt's segment
+    if not cfg.replay or written == 0:
+        return None
+    ids = sample.ids
+    slots = [ids[max(0, m * ls - k) : (m + 1) * ls] for m in range(max(0, written - cfg.memory_slots), written)]
+    picks = model.replay_choice(ids[max(0, end - cfg.summary_tokens) : end], slots)
+    return torch.cat([slots[i] for i in picks])
+
+
+def _holds(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
+    return any(torch.equal(haystack[i : i + needle.numel()], needle)
+               for i in range(haystack.numel() - needle.numel() + 1))
+
+
 def score(model: HMTModel, method: str, sample, rmt: HMTModel | None = None) -> bool | None:
     """Whether ``method`` answers ``sample`` (None: the method cannot read a prompt this long)."""
     window, answer = model.config.window, sample.answer_ids.numel()
     ids = sample.ids
+    if method == "replay-hit":
+        replayed = replayed_ids(model, sample)
+        return None if replayed is None else _holds(replayed, sample.answer_ids)
     with torch.no_grad():
         if method == "hmt":
             prompt = ids[: sample.prompt_end].tolist()

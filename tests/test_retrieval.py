@@ -145,3 +145,22 @@ def test_training_batch_max_tail_bounds_the_last_segment():
         assert bool((prompt_end - cfg.segment_tokens <= 40).all()) and bool((prompt_end > cfg.segment_tokens).all())
     with pytest.raises(ValueError, match="max_tail=10"):
         retrieval.training_batch(TOK, prose(), 2, cfg, 2, rng, max_tail=10)
+
+
+def test_replay_hit_reads_the_ids_the_scheduler_replays():
+    """The benchmark's ``replay-hit`` rebuilds the replayed ids from a sample alone: they are the ids the
+    scheduler put in the window at the prompt's end (several prompt lengths; more segments than slots)."""
+    from hmt_runtime.incremental.scheduler import Scheduler
+
+    model = make_model("llama", "causal", seed=2, prompt_recall=True, replay=2, replay_query=3)
+    gen = torch.Generator().manual_seed(4)
+    for length in (12, 20, 31, 45, 58):
+        ids = torch.randint(0, 90, (length + 2,), generator=gen)
+        sample = retrieval.Sample(ids, length, "x", 0, "passkey")
+        sched = Scheduler(model, rows=1)
+        row = sched.add(ids[:length])
+        replayed = bench.replayed_ids(model, sample)
+        held = sched.state.replay_ids[row, : int(sched.state.replay_len[row])]
+        assert torch.equal(replayed, held), length
+        assert bench.score(model, "replay-hit", sample) == bench._holds(held, ids[length:])
+    assert bench.replayed_ids(make_model("llama", "causal", prompt_recall=True), sample) is None
