@@ -183,7 +183,7 @@ def report(result: dict, model: HMTModel, methods, out: Path) -> str:
         lines += [f"### {task}", "", "| method | " + " | ".join(f"{n:,}" for n in lengths) + " |",
                   "|---|" + "---:|" * len(lengths)]
         for method in methods:
-            cells = [_mean([r[method] for r in rows if r["task"] == task and r["length"] == n]) for n in lengths]
+            cells = [_mean([r.get(method) for r in rows if r["task"] == task and r["length"] == n]) for n in lengths]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         depths = sorted({r["depth"] for r in rows if r["task"] == task})
         if "hmt" not in methods:
@@ -192,7 +192,7 @@ def report(result: dict, model: HMTModel, methods, out: Path) -> str:
         lines += ["", f"HMT per depth (rows) and length (columns), {task}:", "",
                   "| depth | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
         for depth in depths:
-            cells = [_mean([r["hmt"] for r in rows if r["task"] == task and r["length"] == n and r["depth"] == depth])
+            cells = [_mean([r.get("hmt") for r in rows if r["task"] == task and r["length"] == n and r["depth"] == depth])
                      for n in lengths]
             lines.append(f"| {depth:g} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -215,7 +215,8 @@ def _heatmap(rows, task, lengths, depths, path: Path) -> None:
     grid = torch.full((len(depths), len(lengths)), float("nan"))
     for i, depth in enumerate(depths):
         for j, n in enumerate(lengths):
-            values = [r["hmt"] for r in rows if r["task"] == task and r["length"] == n and r["depth"] == depth]
+            values = [r["hmt"] for r in rows if r["task"] == task and r["length"] == n and r["depth"] == depth
+                      and r.get("hmt") is not None]
             if values:
                 grid[i, j] = sum(values) / len(values)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.5 * len(depths)))
@@ -243,12 +244,28 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for results.json, report.md and the heat maps")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                        help="run nothing: merge the results.json of these earlier runs (of one model) into one "
+                             "report and heat map per task")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = HMTModel.from_pretrained(args.model)
+    if args.merge:
+        parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.merge]
+        result = {"rows": [row for part in parts for row in part["rows"]],
+                  "merged": [str(d) for d in args.merge], "config": parts[0].get("config")}
+        switching = [part["switching"] for part in parts if "switching" in part]
+        if switching:
+            result["switching"] = switching[0]
+        methods = [m for m in METHODS if any(m in row for row in result["rows"])]
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        text = report(result, model, methods, out)
+        (out / "report.md").write_text(text + "\n")
+        print(text)
+        return 0
     started = time.perf_counter()
     result = run(model, args.tasks, args.lengths, args.depths, args.samples, args.methods, args.seed)
     if args.switch_tokens:
