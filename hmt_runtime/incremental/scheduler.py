@@ -283,7 +283,10 @@ class Scheduler:
             self.state.provisional[row] = False
             self.kv.set_len(row, 0)
             if h.segment_len == 0:
-                self._prefill_boundary(row, self._segment_prefix(row))
+                if h.replay_len:  # a length of its own per prompt: no CUDA graph for it
+                    self.engine.prefill(row, self._segment_prefix(row), 0)
+                else:
+                    self._prefill_boundary(row, self._segment_prefix(row))
                 return
             hidden = self.engine.prefill(row, self._segment_prefix(row, known), 0)
             self.logits[row] = self.model.lm_logits(hidden[:, -1])[0]
