@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--switch-tokens", type=int, default=8192, help="context-switching stream (0 = skip)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", type=int, default=None, metavar="R",
+                        help="slots replayed at the end of a prompt (default: the checkpoint's own; 0: off)")
     parser.add_argument("--out", required=True, help="folder for results.json, report.md and the heat maps")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                         help="run nothing: merge the results.json of these earlier runs (of one model) into one "
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = HMTModel.from_pretrained(args.model)
+    model = HMTModel.from_pretrained(args.model, replay=args.replay)
     if args.merge:
         parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.merge]
         result = {"rows": [row for part in parts for row in part["rows"]],
