@@ -76,7 +76,8 @@ def test_training_batch_scores_only_the_answer_and_keeps_the_needle_out_of_the_w
 def test_benchmark_scores_hmt_through_generate_as_the_forward_would(prompt_recall):
     """``hmt`` is scored by greedy generation; the teacher-forced forward with the prompt's end must agree, and
     every method answers a bool (``full`` None beyond its limit)."""
-    model = make_model("llama", "causal", seed=2, prompt_recall=prompt_recall)
+    replay = {"replay": 1, "replay_query": 3} if prompt_recall else {}  # with prompt recall, replay one slot too
+    model = make_model("llama", "causal", seed=2, prompt_recall=prompt_recall, **replay)
     model.tokenizer = TOK
     rmt = bench.evaluate.rmt_view(model)
     for seed in range(6):
@@ -87,6 +88,9 @@ def test_benchmark_scores_hmt_through_generate_as_the_forward_would(prompt_recal
             logits = model(s.ids[None], prompt_end=s.prompt_end).logits[0, s.prompt_end - 1 : -1]
         assert retrieval.answered(logits, s) == forward
         for method in bench.METHODS:
+            if method == "replay-hit" and not replay:
+                assert bench.score(model, method, s, rmt) is None  # nothing replayed without the option
+                continue
             assert bench.score(model, method, s, rmt) in (True, False)
     long = retrieval.build(TOK, "passkey", bench.FULL_LIMIT + 10, 0.5, random.Random(0), "valid", gap=20)
     assert bench.score(model, "full", long) is None
