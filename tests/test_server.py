@@ -62,8 +62,9 @@ def tiny_tokenizer(chat_template: bool = True):
 
 
 def tiny_model(chat_template: bool = True) -> HMTModel:
+    # as the shipped default: a prompt's end steers recall and replays 2 slots
     cfg = HMTConfig(segment_tokens=9, sensory_tokens=3, summary_tokens=4, memory_slots=3, recall_dim=16,
-                    kernels="torch", prompt_recall=True, replay=2, replay_query=3)  # as the shipped default: a prompt's end steers recall, replays 2 slots
+                    kernels="torch", prompt_recall=True, replay=2, replay_query=3)
     model = HMTModel(tiny_backbone("llama", seed=0, dtype=torch.float32), cfg, tokenizer=tiny_tokenizer(chat_template))
     torch.manual_seed(100)
     with torch.no_grad():  # make the recall weights matter
