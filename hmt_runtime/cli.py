@@ -163,7 +163,8 @@ def leading_ids(tokenizer, text: str, count: int | None):
 
 
 def memory_budget(model) -> dict:
-    """Bytes held for one sequence: the KV cache of W positions, the memory ring buffer and keys."""
+    """Bytes held for one sequence: the KV cache (W positions, and the replayed slots' ids with ``replay``), the
+    memory ring buffer with its keys and, with ``replay``, each slot's window ids."""
     from .core.backbones import unwrap
 
     cfg = unwrap(model.backbone).config.get_text_config()
@@ -171,8 +172,8 @@ def memory_budget(model) -> dict:
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     item = torch.finfo(model.dtype).bits // 8
-    kv = 2 * layers * heads * head_dim * model.config.window * item
-    ring = model.config.memory_slots * (model.width + model.config.recall_dim) * item
+    kv = 2 * layers * heads * head_dim * model.config.kv_window * item
+    ring = model.config.memory_slots * ((model.width + model.config.recall_dim) * item + model.config.slot_tokens * 8)
     params = sum(p.numel() for p in model.backbone.parameters()) * item
     hmt = sum(p.numel() for p in model.hmt_state_dict().values()) * item
     return {"kv_cache": kv, "memory_ring": ring, "backbone_weights": params, "hmt_parameters": hmt}
