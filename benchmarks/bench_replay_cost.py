@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     rates: dict[int, list[float]] = {r: [] for r in args.settings}
     for _ in range(args.rounds):
         for replay in args.settings:
-            model.config.replay, model.config.prompt_recall = replay, model.config.prompt_recall or replay > 0
-            model.config.__post_init__()
+            model.config.set_replay(replay)
             sched = Scheduler(model, rows=1)
             row = sched.add(ids)
             positions = sched.kv.host_lens[row]

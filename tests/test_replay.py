@@ -67,6 +67,13 @@ def test_config_checks_and_records_replay():
         HMTConfig(prompt_recall=True, replay=1, replay_query=200)
     with pytest.raises(ValueError, match="replay=4: expected at most memory_slots=3"):
         HMTConfig(prompt_recall=True, replay=4, memory_slots=3)
+    later = HMTConfig()
+    later.set_replay(2)  # turns prompt_recall on with it
+    assert later.prompt_recall and later.replay == 2 and later.kv_window == cfg.kv_window
+    later.set_replay(0)
+    assert later.prompt_recall and later.kv_window == later.window
+    with pytest.raises(ValueError, match="replay=-1"):
+        later.set_replay(-1)
 
 
 # ------------------------------------------------------------------------------------------------ exactness
@@ -195,8 +202,7 @@ def test_the_default_gives_back_a_pass_key_read_beyond_its_window():
     out = generate(model, [s.ids[question_at : s.prompt_end].tolist()], max_new_tokens=s.answer_ids.numel(),
                    state=state)[0][s.prompt_end - question_at :]
     assert out == s.answer_ids.tolist()
-    model.config.replay = 0
-    model.config.__post_init__()
+    model.config.set_replay(0)
     off = generate(model, prompts, max_new_tokens=width)
     assert not any(o[len(p) : len(p) + s.answer_ids.numel()] == s.answer_ids.tolist()
                    for p, s, o in zip(prompts, samples, off))

@@ -117,6 +117,13 @@ class HMTConfig:
             raise ValueError(f"replay={self.replay}: expected at most memory_slots={self.memory_slots}")
         self.window = self.segment_tokens + self.sensory_tokens + 2
 
+    def set_replay(self, replay: int) -> None:
+        """Replay ``replay`` slots at the end of a prompt from now on (0: off); a value > 0 turns ``prompt_recall``
+        on with it.  The whole config is validated again."""
+        _check_int("replay", replay, 0)
+        self.replay, self.prompt_recall = replay, self.prompt_recall or replay > 0
+        self.__post_init__()
+
     @property
     def slot_tokens(self) -> int:
         """Ids kept per memory slot for replay: k + Ls with ``replay``, else 0."""

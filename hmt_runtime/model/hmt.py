@@ -681,10 +681,7 @@ class HMTModel(nn.Module):
             config.kernels = kernels
             config.__post_init__()
         if replay is not None:
-            if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
-                raise ValueError(f"replay={replay!r}: expected None or an integer >= 0")
-            config.replay, config.prompt_recall = replay, config.prompt_recall or replay > 0
-            config.__post_init__()
+            config.set_replay(replay)
         identity = meta.get("backbone", {})
         if backbone is None:
             if meta.get("backbone_dir"):

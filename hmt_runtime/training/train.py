@@ -287,9 +287,8 @@ def build_model(config: TrainConfig) -> HMTModel:
         if diff:
             raise ValueError(f"init_from={config.init_from!r}: its HMT config differs from this run's: {diff} "
                              "(checkpoint, this run); pass the matching --window / --sensory-tokens / ... options")
-        replay = model.config.replay if config.replay is None else config.replay
-        model.config.replay, model.config.prompt_recall = replay, config.prompt_recall or replay > 0
-        model.config.__post_init__()
+        model.config.prompt_recall = config.prompt_recall
+        model.config.set_replay(model.config.replay if config.replay is None else config.replay)
         if config.memory_scale is not None:
             model.set_memory_scale(config.memory_scale)
         if config.memory_read is not None:
