@@ -33,6 +33,8 @@ _FILLERS = {
         "A river runs past the old mill. The wheel turns slowly. Birds sing in the tall trees.",
         "Rain fell on the quiet town. The shops were closed. A dog slept by the door.",
         "The train left the station at noon. Fields passed by the window. Nobody spoke.",
+        "Snow covered the road. Smoke rose from the chimney. A cart went slowly up the lane.",
+        "The market was busy. People bought bread and apples. A bell rang in the square.",
     ],
     "valid": [
         "The wind moves over the hills. Clouds drift to the east. The day goes on as before.",
@@ -47,6 +49,10 @@ _PASSKEY = {
             "Note this down, the access number is {key}.",
             "Your password for the vault is {key}.",
             "The key you will be asked for is {key}. Again: {key}.",
+            "Write this somewhere safe: {key} opens the door.",
+            "The magic word of the day is {key}.",
+            "For later: the reference code is {key}.",
+            "My lucky number is {key}, she said.",
         ],
         "question": [
             "What is the pass key? The pass key is",
@@ -54,6 +60,11 @@ _PASSKEY = {
             "Question: what is the access number? Answer:",
             "Tell me the password for the vault. The password is",
             "Which key were you asked to remember? It is",
+            "What opens the door? The answer is",
+            "Say the magic word of the day:",
+            "Give the reference code. Reference code:",
+            "What was her lucky number? Her lucky number was",
+            "Repeat the code you were given earlier.",
         ],
     },
     "valid": {
@@ -74,10 +85,15 @@ _NEEDLE = {
                    "fruit": ["apricot", "fig", "mango", "quince", "plum"],
                    "city": ["Lisbon", "Oslo", "Prague", "Vienna", "Dublin"]},
         "needle": ["{person}'s favourite {thing} is {value}.", "It is well known that the {thing} {person} loves "
-                   "most is {value}.", "By the way, {person} once said that {value} is the best {thing}."],
+                   "most is {value}.", "By the way, {person} once said that {value} is the best {thing}.",
+                   "Of every {thing}, {person} liked {value} the most.",
+                   "When asked, {person} always chose {value} as {thing}."],
         "question": ["What is {person}'s favourite {thing}? {person}'s favourite {thing} is",
                      "Which {thing} does {person} love most? The answer is",
-                     "Question: {person}'s favourite {thing}? Answer:"],
+                     "Question: {person}'s favourite {thing}? Answer:",
+                     "Tell me the {thing} that {person} likes best.",
+                     "{person} likes one {thing} above all. Which one? It is",
+                     "What {thing} would {person} choose?"],
     },
     "valid": {
         "people": ["Kenneth", "Lucinda", "Matthias", "Nora", "Oswin", "Philippa"],
@@ -93,8 +109,11 @@ _FACTS = {
     "train": {
         "people": ["Mary", "John", "Sandra", "Daniel"],
         "places": ["kitchen", "garden", "office", "hallway", "bathroom", "bedroom"],
-        "fact": ["{person} went to the {place}.", "{person} moved to the {place}.", "{person} travelled to the {place}."],
-        "question": ["Where is {person}? {person} is in the", "Question: where is {person} now? Answer: the"],
+        "fact": ["{person} went to the {place}.", "{person} moved to the {place}.", "{person} travelled to the {place}.",
+                 "Then {person} walked into the {place}.", "{person} ran to the {place}."],
+        "question": ["Where is {person}? {person} is in the", "Question: where is {person} now? Answer: the",
+                     "Which room did {person} go to last? The", "Where can {person} be found now? In the",
+                     "Where did {person} end up? The"],
     },
     "valid": {
         "people": ["Julie", "Fred", "Bill", "Emily"],
