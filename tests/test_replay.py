@@ -34,6 +34,45 @@ def test_the_slot_that_shares_the_question_s_rare_ids_is_chosen():
     assert replay.choose(9, query, slots) == [0, 1, 2, 3, 4]
 
 
+def test_rare_shared_ids_outweigh_several_common_ones():
+    # idf^2 (tf-idf's dot product): one id only slot 0 holds beats three ids that half of the slots hold
+    common = [torch.tensor([1, 2, 3, 9])] * 3
+    slots = [torch.tensor([40, 7, 8])] + common + [torch.tensor([5, 6, 7])]
+    query = torch.tensor([40, 1, 2, 3])
+    # the plain sum of idf would rank slot 1 first: 3 log(6/3) = 2.08 > log(6/1) = 1.79; squares: 1.44 < 3.21
+    assert replay.choose(1, query, slots) == [0]
+
+
+def test_the_question_is_the_prompt_s_last_line():
+    nl = 50
+    breaks = torch.zeros(64, dtype=torch.bool)
+    breaks[nl] = True
+    slots = [torch.tensor([30, 31, 32]), torch.tensor([40, 5, 6]), torch.tensor([5, 6, 7])]
+    line = [40] + [5] * (replay.QUESTION_MIN_IDS - 1)  # the question asks for 40 (slot 1)
+    query = torch.tensor([30, 31, 32, nl] + line)  # the prose before it names what slot 0 holds
+    assert replay.question(query, breaks).tolist() == line
+    assert replay.choose(1, query, slots, breaks=breaks) == [1]
+    assert replay.choose(1, query, slots) == [0]  # without line breaks the whole query asks
+    # a last line shorter than QUESTION_MIN_IDS ("Answer:") takes the line before it too
+    short = torch.tensor([30, nl, 40, 5, 6, 7, 5, 6, 7, nl, 8, 9])
+    assert replay.question(short, breaks).tolist() == [40, 5, 6, 7, 5, 6, 7, nl, 8, 9]
+    assert torch.equal(replay.question(torch.tensor([1, 2, nl, 3]), breaks), torch.tensor([1, 2, nl, 3]))
+
+
+def test_line_breaks_from_token_names():
+    class Tok:
+        names = ["\u010a", "a\u010a\u010a", "<0x0A>", "\u0120key", "x"]
+
+        def __len__(self):
+            return len(self.names)
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.names[i] for i in ids]
+
+    assert replay.line_breaks(Tok(), 6).tolist() == [True, True, True, False, False, False]
+    assert not replay.line_breaks(None, 3).any()
+
+
 def test_canonical_ids_join_case_and_space_variants():
     class Tok:
         names = ["Key", "\u0120key", "key", "\u0120door", "\u010a", "\u0120"]

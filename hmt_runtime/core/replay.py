@@ -6,9 +6,12 @@ pick the same slots exactly (integer counts and an exactly rounded sum: no kerne
 
 A slot's ids are the window that wrote its memory embedding (its sensory and segment ids).  With ``n`` slots and
 ``df(t)`` the number of slots holding the (canonical) id ``t``, an id's weight is ``idf(t) = log((n + 1) / df(t))``:
-what every slot holds weighs little, what one slot holds weighs most.  A slot scores
+what every slot holds weighs little, what one slot holds weighs most.  The query is the question: the prompt's
+last ids from just after the last line break that leaves at least ``QUESTION_MIN_IDS`` ids after it (all of them
+when there is none), so that the prose the question follows does not choose for it.  A slot scores
 
-    match   = the sum of idf(t) over the distinct ids t it shares with the query (the prompt's last ids),
+    match   = the sum of idf(t)^2 over the distinct ids t it shares with the query (tf-idf's dot product: the
+              query's and the slot's weight of each shared id),
     novelty = the mean idf of its distinct ids (how much it differs from the other slots),
 
 and the ``count`` slots ranked highest by (match, novelty, recency) are replayed, oldest first.  Ids are compared
@@ -22,6 +25,8 @@ import math
 import torch
 
 _MARKERS = ("\u0120", "\u2581", "\u010a", "\u0109")  # byte-level BPE's space, SentencePiece's space, newline, tab
+_BREAKS = ("\u010a", "\n", "<0x0A>")  # a newline: byte-level BPE's marker, the text itself, SentencePiece's byte
+QUESTION_MIN_IDS = 8  # a question line shorter than this (e.g. "Answer:") takes the line before it too
 
 
 def canonical_ids(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -44,13 +49,39 @@ def canonical_ids(tokenizer, vocab_size: int) -> torch.Tensor:
     return table
 
 
-def choose(count: int, query: torch.Tensor, slots: list[torch.Tensor], canon: torch.Tensor | None = None) -> list[int]:
+def line_breaks(tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) bool: the ids whose token holds a line break.  Without token names: none."""
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return table
+    for i, name in enumerate(convert(list(range(min(vocab_size, len(tokenizer)))))):
+        table[i] = isinstance(name, str) and any(b in name for b in _BREAKS)
+    return table
+
+
+def question(query: torch.Tensor, breaks: torch.Tensor | None) -> torch.Tensor:
+    """The question in ``query`` (the prompt's last ids): the ids after the last line break that leaves at least
+    ``QUESTION_MIN_IDS`` ids after it; all of ``query`` when there is none (or ``breaks`` is None)."""
+    if breaks is None:
+        return query
+    flags = breaks[query.cpu()].tolist()
+    for p in range(len(flags) - QUESTION_MIN_IDS - 1, -1, -1):
+        if flags[p]:
+            return query[p + 1 :]
+    return query
+
+
+def choose(count: int, query: torch.Tensor, slots: list[torch.Tensor], canon: torch.Tensor | None = None,
+           breaks: torch.Tensor | None = None) -> list[int]:
     """The indices (ascending: oldest first) of the ``count`` slots to replay.
 
-    query: (q,) ids, the prompt's last ids; slots: 1-D id tensors, oldest first; canon: ``canonical_ids`` or None.
+    query: (q,) ids, the prompt's last ids; slots: 1-D id tensors, oldest first; canon: ``canonical_ids`` or None;
+    breaks: ``line_breaks`` or None (the whole query is the question).
     """
     if count < 1 or not slots:
         return []
+    query = question(query.cpu(), breaks)
     if canon is not None:
         query = canon[query.cpu()]
         slots = [canon[s.cpu()] for s in slots]
@@ -66,7 +97,7 @@ def choose(count: int, query: torch.Tensor, slots: list[torch.Tensor], canon: to
     ranked = []
     for i, ids in enumerate(sets):
         weights = idf[ids]
-        match = math.fsum(weights[asked[ids]].tolist())
+        match = math.fsum((weights[asked[ids]] ** 2).tolist())
         novelty = math.fsum(weights.tolist()) / max(1, ids.numel())
         ranked.append((match, novelty, i))
     ranked.sort(reverse=True)

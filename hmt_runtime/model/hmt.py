@@ -156,7 +156,7 @@ class HMTModel(nn.Module):
         # the backbone's own attention (restored for the torch ops) and the ops resolved per (device, kernels)
         self.base_attn_implementation = getattr(inner.config, "_attn_implementation", None)
         self.resolved_ops: dict[tuple[str, str], Ops] = {}
-        self._replay_canon: torch.Tensor | None = None
+        self._replay_vocab: tuple[torch.Tensor, torch.Tensor] | None = None  # canonical ids, line breaks
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -313,9 +313,10 @@ class HMTModel(nn.Module):
         """Which of ``slots`` (1-D id tensors, oldest first) the end of a prompt whose last ids are ``query_ids``
         (1-D) replays (``core.replay.choose`` with ``config.replay`` and the prompt's last ``replay_query`` ids),
         oldest first."""
-        if self._replay_canon is None:
-            self._replay_canon = replay.canonical_ids(self.tokenizer, self.vocab_size)
-        return replay.choose(self.config.replay, query_ids[-self.config.replay_query :], slots, self._replay_canon)
+        if self._replay_vocab is None:
+            self._replay_vocab = (replay.canonical_ids(self.tokenizer, self.vocab_size),
+                                  replay.line_breaks(self.tokenizer, self.vocab_size))
+        return replay.choose(self.config.replay, query_ids[-self.config.replay_query :], slots, *self._replay_vocab)
 
     def segment_embeddings(self, recalled, sensory_ids, segment_ids, trailing: bool = True,
                            replay_ids: torch.Tensor | None = None) -> torch.Tensor:
