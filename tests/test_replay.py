@@ -217,18 +217,23 @@ def test_a_state_with_bad_replay_fields_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------ the default
-def test_the_default_gives_back_a_pass_key_read_beyond_its_window():
-    """Through the plain API, greedy, no extra argument: the key lies segments before the question, out of the
-    window; with replay off the same prompts are never answered (nothing else holds the key)."""
+@pytest.mark.parametrize("task", ["passkey", "needle"])
+def test_the_default_gives_back_what_it_read_beyond_its_window(task):
+    """Through the plain API, greedy, no extra argument: the key (a pass key in filler, a fact in Austen's prose)
+    lies segments before the question, out of the window; with replay off the same prompts are never answered
+    (nothing else holds it)."""
     import random
+    from pathlib import Path
 
     from hmt_runtime import HMTModel
     from hmt_runtime.training import retrieval
 
     model = HMTModel.from_pretrained("default")
     assert model.config.replay > 0 and model.config.prompt_recall
-    samples = [retrieval.build(model.tokenizer, "passkey", 1200, depth, random.Random(f"default/{i}"), "valid",
-                               gap=model.config.window) for i, depth in enumerate((0.1, 0.4, 0.7, 0.9))]
+    text = (Path(__file__).resolve().parents[1] / "data" / "austen" / "persuasion.txt").read_text(encoding="utf-8")[:20000]
+    prose = [torch.tensor(model.tokenizer(text, add_special_tokens=False).input_ids)]
+    samples = [retrieval.build(model.tokenizer, task, 1200, depth, random.Random(f"default/{i}"), "valid",
+                               prose, gap=model.config.window) for i, depth in enumerate((0.1, 0.4, 0.7, 0.9))]
     prompts = [s.ids[: s.prompt_end].tolist() for s in samples]
     width = max(s.answer_ids.numel() for s in samples)
     answered = [out[len(p) : len(p) + s.answer_ids.numel()] == s.answer_ids.tolist()
@@ -236,12 +241,14 @@ def test_the_default_gives_back_a_pass_key_read_beyond_its_window():
     assert sum(answered) >= 3, answered
     # a document read with ingest, the question asked on its state
     s = samples[answered.index(True)]
-    question_at = s.ids[: s.prompt_end].tolist().index(retrieval._encode(model.tokenizer, "\n")[0], s.needle_at)
+    prompt = s.ids[: s.prompt_end].tolist()
+    question_at = len(prompt) - 1 - prompt[::-1].index(retrieval._encode(model.tokenizer, "\n")[0])
     state, _ = ingest(model, s.ids[None, :question_at])
     out = generate(model, [s.ids[question_at : s.prompt_end].tolist()], max_new_tokens=s.answer_ids.numel(),
                    state=state)[0][s.prompt_end - question_at :]
     assert out == s.answer_ids.tolist()
     model.config.set_replay(0)
     off = generate(model, prompts, max_new_tokens=width)
-    assert not any(o[len(p) : len(p) + s.answer_ids.numel()] == s.answer_ids.tolist()
-                   for p, s, o in zip(prompts, samples, off))
+    lucky = sum(o[len(p) : len(p) + s.answer_ids.numel()] == s.answer_ids.tolist()
+                for p, s, o in zip(prompts, samples, off))
+    assert lucky <= (0 if task == "passkey" else 1), lucky  # a needle's value is one of four: a guess may hit
