@@ -230,7 +230,8 @@ def test_the_default_gives_back_what_it_read_beyond_its_window(task):
 
     model = HMTModel.from_pretrained("default")
     assert model.config.replay > 0 and model.config.prompt_recall
-    text = (Path(__file__).resolve().parents[1] / "data" / "austen" / "persuasion.txt").read_text(encoding="utf-8")[:20000]
+    book = Path(__file__).resolve().parents[1] / "data" / "austen" / "persuasion.txt"
+    text = book.read_text(encoding="utf-8")[:20000]
     prose = [torch.tensor(model.tokenizer(text, add_special_tokens=False).input_ids)]
     samples = [retrieval.build(model.tokenizer, task, 1200, depth, random.Random(f"default/{i}"), "valid",
                                prose, gap=model.config.window) for i, depth in enumerate((0.1, 0.4, 0.7, 0.9))]

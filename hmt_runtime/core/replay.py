@@ -83,7 +83,7 @@ def choose(count: int, query: torch.Tensor, slots: list[torch.Tensor], canon: to
         return []
     query = question(query.cpu(), breaks)
     if canon is not None:
-        query = canon[query.cpu()]
+        query = canon[query]
         slots = [canon[s.cpu()] for s in slots]
     sets = [torch.unique(s.cpu()) for s in slots]
     n = len(sets)

@@ -109,8 +109,9 @@ _FACTS = {
     "train": {
         "people": ["Mary", "John", "Sandra", "Daniel"],
         "places": ["kitchen", "garden", "office", "hallway", "bathroom", "bedroom"],
-        "fact": ["{person} went to the {place}.", "{person} moved to the {place}.", "{person} travelled to the {place}.",
-                 "Then {person} walked into the {place}.", "{person} ran to the {place}."],
+        "fact": ["{person} went to the {place}.", "{person} moved to the {place}.",
+                 "{person} travelled to the {place}.", "Then {person} walked into the {place}.",
+                 "{person} ran to the {place}."],
         "question": ["Where is {person}? {person} is in the", "Question: where is {person} now? Answer: the",
                      "Which room did {person} go to last? The", "Where can {person} be found now? In the",
                      "Where did {person} end up? The"],
