@@ -35,12 +35,46 @@ def test_the_slot_that_shares_the_question_s_rare_ids_is_chosen():
 
 
 def test_rare_shared_ids_outweigh_several_common_ones():
-    # idf^2 (tf-idf's dot product): one id only slot 0 holds beats three ids that half of the slots hold
-    common = [torch.tensor([1, 2, 3, 9])] * 3
+    # squared weights (tf-idf's dot product): one id only slot 0 holds beats three ids that half of the slots hold
+    common = [torch.tensor([41, 42, 43, 9])] * 3
     slots = [torch.tensor([40, 7, 8])] + common + [torch.tensor([5, 6, 7])]
-    query = torch.tensor([40, 1, 2, 3])
-    # the plain sum of idf would rank slot 1 first: 3 log(6/3) = 2.08 > log(6/1) = 1.79; squares: 1.44 < 3.21
+    query = torch.tensor([40, 41, 42, 43])
+    # weights: 40 -> rarity(40) * 1, the others -> rarity * log(5/3)/log(5) = 0.32 rarity; a plain sum would rank
+    # slot 1 first (3 * 0.32 > 1), the sum of squares ranks slot 0 first (3 * 0.10 < 1)
     assert replay.choose(1, query, slots) == [0]
+
+
+def test_an_id_rare_in_the_language_outweighs_one_rare_only_in_this_prompt():
+    # "where" (a low, frequent id) in one slot of prose against a name (a high, rare id) that three slots hold:
+    # in-prompt counts alone (idf) would pick the slot with "where"; the rarity of the id in any text picks the name
+    vocab = torch.arange(50000)  # a 50k vocabulary whose ids are ranked most frequent first
+    where, name, filler = 800, 15000, list(range(300, 550))  # slots of ~250 ids, as the default's (254)
+    slots = [torch.tensor(filler + [i]) for i in range(1000, 1030)]
+    slots[2] = torch.tensor(filler + [name])
+    slots[5] = torch.tensor(filler + [name])
+    slots[7] = torch.tensor(filler + [where])
+    slots[9] = torch.tensor(filler + [name])
+    query = torch.tensor([where, name, 300])
+    assert replay.choose(1, query, slots, vocab) == [9]
+    r = replay.rarity(50000, 254)
+    assert r[name] > r[where] > r[300] > 0 and torch.all(r[1:] >= r[:-1])  # rarer with the rank, always positive
+    # a name every slot holds tells them nothing: novelty decides (the slot unlike the others)
+    same = [torch.tensor(filler + [name])] * 6
+    same[1] = torch.tensor(filler + [name, 4000])
+    assert replay.choose(1, torch.tensor([name]), same, vocab) == [1]
+
+
+def test_of_slots_that_answer_alike_the_newest_wins():
+    # "Mary went to the kitchen." ... "Mary went to the garden.": the latest fact supersedes
+    filler = [300, 301, 302, 303]
+    slots = [torch.tensor(filler + [1000 + i]) for i in range(10)]
+    mary, went, kitchen, garden = 9000, 700, 5001, 5002
+    slots[1] = torch.tensor(filler + [mary, went, kitchen, 5003])  # more unlike the others (novelty) than slot 6
+    slots[6] = torch.tensor(filler + [mary, went, garden])
+    slots[3] = torch.tensor(filler + [went])
+    assert replay.choose(1, torch.tensor([mary, 300]), slots) == [6]
+    # recency only weighs between near-equal matches: a slot matching a rarer id stays first however old it is
+    assert replay.choose(1, torch.tensor([mary, kitchen]), slots) == [1]
 
 
 def test_the_question_is_the_prompt_s_last_line():

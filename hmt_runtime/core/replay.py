@@ -4,19 +4,29 @@ Host-side rule, no backbone work, written once: the teacher-forced forward (``HM
 scheduler (``Scheduler.end_prompt``) both call ``choose``, on the same ids in the same order, so the two paths
 pick the same slots exactly (integer counts and an exactly rounded sum: no kernel's rounding enters).
 
-A slot's ids are the window that wrote its memory embedding (its sensory and segment ids).  With ``n`` slots and
-``df(t)`` the number of slots holding the (canonical) id ``t``, an id's weight is ``idf(t) = log((n + 1) / df(t))``:
-what every slot holds weighs little, what one slot holds weighs most.  The query is the question: the prompt's
-last ids from just after the last line break that leaves at least ``QUESTION_MIN_IDS`` ids after it (all of them
-when there is none), so that the prose the question follows does not choose for it.  A slot scores
+A slot's ids are the window that wrote its memory embedding (its sensory and segment ids).  An id ``t`` weighs
 
-    match   = the sum of idf(t)^2 over the distinct ids t it shares with the query (tf-idf's dot product: the
-              query's and the slot's weight of each shared id),
-    novelty = the mean idf of its distinct ids (how much it differs from the other slots),
+    w(t) = rarity(t) * log(n / df(t)) / log(n)
+
+with ``n`` slots and ``df(t)`` the number of slots holding ``t``: ``rarity`` is how unlikely a slot of ``S`` ids
+is to hold ``t`` by chance in any text (``-log(1 - exp(-S / (rank(t) H)))``: Zipf's law over the tokenizer's id
+order, which byte-level BPE and SentencePiece vocabularies build most frequent first, ``rank(t) = t + 1``,
+``H = ln V + 0.5772``), so that "where" or "end" weigh less than a name however seldom this prompt uses them;
+the second factor is how much holding ``t`` tells the slots apart *in this prompt* (1 for an id one slot holds,
+0 for one every slot holds), so that a name the whole document repeats, or a filler's words, weigh little.  The
+query is the question: the prompt's last ids from just after the last line break that leaves at least
+``QUESTION_MIN_IDS`` ids after it (all of them when there is none), so that the prose the question follows does
+not choose for it.  A slot scores
+
+    match   = (the sum of w(t)^2 over the distinct ids t it shares with the query: tf-idf's dot product)
+              * (1 + RECENCY * (its index + 1) / n), so that of slots that answer alike the newest wins (what
+              was read last supersedes: "Mary went to the garden" after "Mary went to the kitchen"),
+    novelty = the mean of log((n + 1) / df(t)) over its distinct ids (how much it differs from the other slots:
+              what decides when the question shares nothing with any slot),
 
 and the ``count`` slots ranked highest by (match, novelty, recency) are replayed, oldest first.  Ids are compared
 after ``canonical_ids`` (the token's text lowercased, without its leading-space or newline marker), so that
-"Key", " key" and "key" are one id.
+"Key", " key" and "key" are one id (the lowest of them, the most frequent, gives the rank).
 """
 from __future__ import annotations
 
@@ -27,6 +37,8 @@ import torch
 _MARKERS = ("\u0120", "\u2581", "\u010a", "\u0109")  # byte-level BPE's space, SentencePiece's space, newline, tab
 _BREAKS = ("\u010a", "\n", "<0x0A>")  # a newline: byte-level BPE's marker, the text itself, SentencePiece's byte
 QUESTION_MIN_IDS = 8  # a question line shorter than this (e.g. "Answer:") takes the line before it too
+RECENCY = 0.2  # the newest slot's match counts up to 20% more than the oldest's
+_EULER = 0.5772156649015329
 
 
 def canonical_ids(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -89,16 +101,27 @@ def choose(count: int, query: torch.Tensor, slots: list[torch.Tensor], canon: to
     n = len(sets)
     every = torch.cat(sets)
     size = int(every.max()) + 1 if every.numel() else 1
-    df = torch.bincount(every, minlength=size)
-    idf = torch.log((n + 1) / df.clamp_min(1).double())
+    df = torch.bincount(every, minlength=size).double()
+    idf = torch.log((n + 1) / df.clamp_min(1))
+    vocab = max(size, canon.numel() if canon is not None else 0)
+    weight = rarity(vocab, max(s.numel() for s in slots))[:size]
+    weight = weight * torch.log(n / df.clamp_min(1)) / math.log(n) if n > 1 else weight * 0
     asked = torch.zeros(size, dtype=torch.bool)
     wanted = torch.unique(query.cpu())
     asked[wanted[(wanted >= 0) & (wanted < size)]] = True
     ranked = []
     for i, ids in enumerate(sets):
-        weights = idf[ids]
-        match = math.fsum((weights[asked[ids]] ** 2).tolist())
-        novelty = math.fsum(weights.tolist()) / max(1, ids.numel())
+        match = math.fsum((weight[ids[asked[ids]]] ** 2).tolist()) * (1 + RECENCY * (i + 1) / n)
+        novelty = math.fsum(idf[ids].tolist()) / max(1, ids.numel())
         ranked.append((match, novelty, i))
     ranked.sort(reverse=True)
     return sorted(i for _, _, i in ranked[:count])
+
+
+def rarity(vocab_size: int, slot_ids: int) -> torch.Tensor:
+    """(vocab_size,) float64: -log of the chance that ``slot_ids`` ids of text hold the id ``t``, by Zipf's law over
+    the id order (``rank(t) = t + 1``, ``H = ln vocab_size + 0.5772``): ~0 for the commonest ids, ~6.4 for a rare
+    name (id 15,000) of a 49k vocabulary in a 288-id slot."""
+    rank = torch.arange(1, vocab_size + 1, dtype=torch.double)
+    expected = slot_ids / (rank * (math.log(max(vocab_size, 2)) + _EULER))
+    return -torch.log(-torch.expm1(-expected))
