@@ -18,12 +18,21 @@ import sys
 
 import torch
 
+from ..incremental.engines import _lora_adapters
 from ..model.hmt import HMTModel
 
 
 def _lora_modules(model: HMTModel) -> dict:
-    return {name: m for name, m in model.backbone.named_modules()
-            if hasattr(m, "lora_A") and hasattr(m, "lora_B") and "default" in m.lora_A}
+    """The backbone's LoRA layers by name (peft's or the lean model's: ``engines._lora_adapters`` recognises them
+    and refuses merged layers, DoRA and LoRA biases)."""
+    return {name: m for name, m in model.backbone.named_modules() if _lora_adapters(m) is not None}
+
+
+def _one_adapter(name: str, module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    adapters = _lora_adapters(module)
+    if len(adapters) != 1:
+        raise ValueError(f"{name}: {len(adapters)} active LoRA adapters; expected one")
+    return adapters[0]
 
 
 def interpolate(new: HMTModel, old: HMTModel, alpha: float) -> float:
@@ -47,13 +56,11 @@ def interpolate(new: HMTModel, old: HMTModel, alpha: float) -> float:
         for name, param in a_params.items():
             param.copy_((alpha * param.double() + (1 - alpha) * b_params[name].double()).to(param.dtype))
         for name, mod in a_lora.items():
-            other = b_lora[name]
-            a1, b1 = mod.lora_A["default"].weight, mod.lora_B["default"].weight
-            a0, b0 = other.lora_A["default"].weight, other.lora_B["default"].weight
+            a1, b1, s1 = _one_adapter(name, mod)
+            a0, b0, s0 = _one_adapter(name, b_lora[name])
             if a1.shape != a0.shape or b1.shape != b0.shape:
                 raise ValueError(f"{name}: LoRA factors of shapes {tuple(a1.shape)}, {tuple(b1.shape)} and "
                                  f"{tuple(a0.shape)}, {tuple(b0.shape)}: expected one rank and shape")
-            s1, s0 = float(mod.scaling["default"]), float(other.scaling["default"])
             update = alpha * s1 * (b1.double() @ a1.double()) + (1 - alpha) * s0 * (b0.double() @ a0.double())
             rank = a1.shape[0]
             u, sv, vh = torch.linalg.svd(update, full_matrices=False)
