@@ -4,6 +4,7 @@
     python benchmarks/bench_cpu_decode.py --formats fp32 q4 --contexts 256 2048 --systems llama.cpp hmt
     python benchmarks/bench_cpu_decode.py gemv                  # the weight-only GEMV kernels against F.linear
     python benchmarks/bench_cpu_decode.py gemv --rows 256       # the same products for a 256-row prefill chunk
+    python benchmarks/bench_cpu_decode.py adapter               # the LoRA adapter's share of a decode step
 
 Not run in CI; time it on an otherwise idle machine.  Every configuration runs in a fresh process (the parent
 only spawns them and collects one JSON line from each), with the same thread count (--threads, default 2), the
@@ -305,6 +306,61 @@ def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int =
     return rows
 
 
+def adapter_share(threads: int, context: int, reps: int = 15, calls: int = 20) -> dict:
+    """The shipped default's decode step (``torch.ops.hmt.decode_step``, one row after a ``context``-token prompt)
+    with its LoRA adapter as the step takes it by default (A Q8_0, B^T bfloat16), in float32, and without it,
+    interleaved in one process (``reps`` rounds of ``calls`` steps each; medians of the rounds), beside the LM head
+    and the whole step of the scheduler (``Scheduler.step``), so that the adapter's share is a difference of
+    two medians over the whole step."""
+    import statistics
+
+    import torch
+
+    from hmt_runtime import HMTModel
+    from hmt_runtime.incremental.scheduler import Scheduler
+
+    torch.set_num_threads(threads)
+    model = HMTModel.from_pretrained("default")
+    sched = Scheduler(model, rows=1)
+    row = sched.add(torch.tensor(corpus_ids(context)))
+    engine = sched.engine
+    assert engine.step_args is not None, "the fused native decode step is not in use"
+    compact = engine.step_args
+    for layer in engine.layers:
+        for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+            proj.compact_lora = False
+    float32 = engine._step_args()
+    none = dict(compact, lora_a=[None] * len(compact["lora_a"]), lora_b=[None] * len(compact["lora_b"]))
+    embeds = model.token_embeddings(sched.tokens[:1, None], sched.state.recalled[:1])
+    still = torch.zeros(1, dtype=torch.long)  # the length does not advance: every call decodes the same position
+    hidden = engine.decode(embeds, still)[:, 0]
+    variants = {"adapter compact": compact, "adapter float32": float32, "no adapter": none}
+    times: dict[str, list[float]] = {name: [] for name in [*variants, "LM head", "scheduler step"]}
+    with torch.no_grad():
+        for _ in range(reps):
+            for name, step_args in variants.items():
+                engine.step_args = step_args
+                start = time.perf_counter()
+                for _ in range(calls):
+                    engine.decode(embeds, still)
+                times[name].append((time.perf_counter() - start) / calls)
+            engine.step_args = compact
+            start = time.perf_counter()
+            for _ in range(calls):
+                engine.logits(model, hidden)
+            times["LM head"].append((time.perf_counter() - start) / calls)
+            start = time.perf_counter()
+            for _ in range(calls):
+                sched.tokens[row] = int(sched.logits[row].argmax())
+                sched.step()
+            times["scheduler step"].append((time.perf_counter() - start) / calls)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    step = ms["scheduler step"]
+    return {"context": context, "kv_positions": int(engine.kv.host_lens[row]), "ms": ms,
+            "adapter_share_percent": {"compact": 100 * (ms["adapter compact"] - ms["no adapter"]) / step,
+                                      "float32": 100 * (ms["adapter float32"] - ms["no adapter"]) / step}}
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def machine() -> dict:
     import torch
@@ -354,7 +410,7 @@ def markdown(results: list[dict], contexts) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", default="decode", choices=("decode", "gemv", "worker"))
+    parser.add_argument("mode", nargs="?", default="decode", choices=("decode", "gemv", "adapter", "worker"))
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
@@ -369,6 +425,11 @@ def main(argv=None) -> None:
 
     if args.mode == "worker":
         print(json.dumps(worker(json.loads(args.spec))), flush=True)
+        return
+    if args.mode == "adapter":
+        for context in args.contexts:
+            print(json.dumps({"machine": machine()["cpu"], "threads": args.threads,
+                              **adapter_share(args.threads, context)}), flush=True)
         return
     if args.mode == "gemv":
         rows = gemv(args.threads, m=args.rows, reps=max(2, 50 // args.rows))

@@ -1,5 +1,7 @@
 """What the integer dot products cost in quality: the shipped default in q4 with the float32-exact kernels against
-q4 with int8 activations (``QuantLinear.int_dot``), on the paths where the choice applies.
+q4 with int8 activations (``QuantLinear.int_dot``), on the paths where the choice applies; with the integer dots,
+the LoRA adapter both as the decode step takes it by default (A as Q8_0 blocks, B^T bfloat16: ``compact``) and
+in float32 (``Projection.compact_lora = False``).
 
     python benchmarks/quality_int_dot.py                  # 2 x 2,048 tokens streamed + 200 greedy tokens, ~4 min
     python benchmarks/quality_int_dot.py --tokens 4096 --out benchmarks/quality_int_dot.json
@@ -8,8 +10,9 @@ The integer dot products run only below 4 rows of x, i.e. when tokens are decode
 is measured by streaming: every token of the first ``--tokens`` of each validation document (Persuasion, the
 Bash manual; training never saw them) fed through the scheduler one decode step at a time, teacher-forced, its
 log-likelihood taken from the logits the step produced.  Both variants stream the same ids with the same weights;
-only the activations' precision in the Q4_1 / Q8_0 products differs.  Then 200 greedy tokens after 600 tokens of
-Persuasion, compared token for token (the first position where they part, if any).
+only the activations' precision in the Q4_1 / Q8_0 products (and the adapter's storage) differs.  Then 200 greedy
+tokens after 600 tokens of Persuasion, compared token for token with the exact variant's (the first position where
+they part, if any).
 """
 from __future__ import annotations
 
@@ -56,8 +59,15 @@ def main(argv=None) -> None:
     import torch
 
     from hmt_runtime import HMTModel
+    from hmt_runtime.incremental.engines import Projection
     from hmt_runtime.incremental.generation import generate_ids
     from hmt_runtime.native import quant
+
+    variants = (("exact", False, False), ("int_dot_f32_lora", True, False), ("int_dot", True, True))
+
+    def use(on: bool, compact: bool) -> None:
+        quant.set_int_dot(model, on)
+        Projection.compact_lora = compact
 
     torch.set_num_threads(args.threads)
     model = HMTModel.from_pretrained("default", weights="q4")
@@ -66,8 +76,8 @@ def main(argv=None) -> None:
               "ppl": {}, "seconds": {}}
     for name, path in DOCS.items():
         ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids[: args.tokens]
-        for variant, on in (("exact", False), ("int_dot", True)):
-            quant.set_int_dot(model, on)
+        for variant, on, compact in variants:
+            use(on, compact)
             start = time.perf_counter()
             result["ppl"][f"{name}/{variant}"] = math.exp(stream_nll(model, ids))
             result["seconds"][f"{name}/{variant}"] = time.perf_counter() - start
@@ -75,15 +85,17 @@ def main(argv=None) -> None:
     text = DOCS["persuasion"].read_text(encoding="utf-8")
     prompt = torch.tensor([tok(text[20000:40000], add_special_tokens=False).input_ids[:600]])
     greedy = {}
-    for variant, on in (("exact", False), ("int_dot", True)):
-        quant.set_int_dot(model, on)
+    for variant, on, compact in variants:
+        use(on, compact)
         greedy[variant] = generate_ids(model, prompt, max_new_tokens=200, eos_token_id=[])[0, 600:].tolist()
-    first = next((i for i, (a, b) in enumerate(zip(greedy["exact"], greedy["int_dot"])) if a != b), None)
-    result["greedy_first_difference"] = first
-    result["greedy_equal_tokens"] = sum(a == b for a, b in zip(greedy["exact"], greedy["int_dot"]))
-    for name in DOCS:
-        exact, dot = result["ppl"][f"{name}/exact"], result["ppl"][f"{name}/int_dot"]
-        result["ppl"][f"{name}/change_percent"] = 100 * (dot - exact) / exact
+    result["greedy_first_difference"], result["greedy_equal_tokens"] = {}, {}
+    for variant, _, _ in variants[1:]:
+        pairs = list(zip(greedy["exact"], greedy[variant]))
+        result["greedy_first_difference"][variant] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        result["greedy_equal_tokens"][variant] = sum(a == b for a, b in pairs)
+        for name in DOCS:
+            exact, other = result["ppl"][f"{name}/exact"], result["ppl"][f"{name}/{variant}"]
+            result["ppl"][f"{name}/{variant}/change_percent"] = 100 * (other - exact) / exact
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

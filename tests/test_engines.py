@@ -86,6 +86,44 @@ def test_native_decode_step_equals_the_python_step(lora):
 
 
 @needs_native
+def test_adapter_beside_integer_dots_goes_to_the_decode_step_compact():
+    """Beside q4 blocks with integer dots the decode step gets A as Q8_0 blocks (integer dots on the x the base
+    projection quantized) and B^T in bfloat16; it then equals the step given those factors dequantized to float32
+    up to x's int8 quantization in A's product, and without integer dots the factors stay float32."""
+    from hmt_runtime.native import quant
+
+    model = with_lora(float_model(seed=7, kernels="native"))
+    quant.quantize_model(model.backbone, "q4")
+    quant.set_int_dot(model.backbone, True)
+    compact = LlamaEngine(model.backbone, 2, model.config.window, fused_decode=True)
+    args = compact.layers[0].q.kernel_args()
+    assert args[3] == "q4_1:i8" and args[4].dtype == torch.uint8 and args[5].dtype == torch.bfloat16
+    widened = LlamaEngine(model.backbone, 2, model.config.window, fused_decode=True)
+    for layer in widened.layers:
+        for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+            a_q8, bt = proj.kernel_args()[4:6]
+            proj._compact_lora = (quant.dequantize_q8_0(a_q8, proj.lora_a.shape[1]), bt.float())
+    widened.step_args = widened._step_args()
+    assert widened.step_args["lora_a"][0].dtype == torch.float32
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 6, model.width) * 0.5
+    step = torch.randn(2, 1, model.width) * 0.5
+    with torch.no_grad():
+        for engine in (compact, widened):
+            for row, n in enumerate((3, 6)):
+                engine.prefill(row, embeds[row : row + 1, :n], 0)
+        a = compact.decode(step, torch.tensor([1, 1]))
+        b = widened.decode(step, torch.tensor([1, 1]))
+    err = float((a - b).abs().max())
+    assert 0 < err < 2e-2 * float(b.abs().max()), err  # the Q8_0 path ran, on the right blocks
+
+    quant.set_int_dot(model.backbone, False)
+    exact = LlamaEngine(model.backbone, 2, model.config.window, fused_decode=True)
+    args = exact.layers[0].q.kernel_args()
+    assert args[3] == "q4_1" and args[4].dtype == torch.float32 and args[5].dtype == torch.float32
+
+
+@needs_native
 def test_fused_engine_lm_head_on_the_native_kernel():
     """With the fused decode step, a float32 nn.Linear LM head runs on the native fp32 kernel for fewer than 32
     rows: logits within the float32 summation bound of a float64 reference; 32 rows and more (and engines

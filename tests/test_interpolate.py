@@ -63,6 +63,26 @@ def test_the_ends_give_back_either_checkpoint_and_the_middle_the_best_rank_r_mix
         torch.testing.assert_close(v, 0.3 * params_new[k] + 0.7 * params_old[k])
 
 
+def test_alpha_for_gives_the_named_parts_their_own_weight():
+    new, old = lora_model(1), lora_model(2)
+    before_new, before_old = updates(new), updates(old)
+    params_new = {k: v.clone() for k, v in new.hmt_state_dict().items()}
+    params_old = old.hmt_state_dict()
+    interpolate(new, old, 1.0, {"down_proj": 0.0, "memory_init": 0.25})
+    after = updates(new)
+    assert any("down_proj" in name for name in after) and any("down_proj" not in name for name in after)
+    for name, u in after.items():
+        want = before_old[name] if "down_proj" in name else before_new[name]
+        torch.testing.assert_close(u, want, rtol=1e-10, atol=1e-10)
+    for k, v in new.hmt_state_dict().items():
+        want = 0.25 * params_new[k] + 0.75 * params_old[k] if k == "memory_init" else params_new[k]
+        torch.testing.assert_close(v, want)
+    with pytest.raises(ValueError, match="'nothing_here' names no HMT parameter or LoRA module"):
+        interpolate(new, old, 0.5, {"nothing_here": 0.5})
+    with pytest.raises(ValueError, match="alpha_for\\['mlp'\\]="):
+        interpolate(new, old, 0.5, {"mlp": 2.0})
+
+
 def test_bad_alpha_and_mismatched_checkpoints_are_refused():
     new, old = lora_model(1), lora_model(2)
     for bad in (-0.1, 1.5, "0.5", True):
@@ -80,3 +100,8 @@ def test_the_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "new" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+    for bad in ("mlp", "mlp=x", "=0.5", "mlp=1.5"):
+        assert main([str(tmp_path / "new"), str(tmp_path / "old"), "--alpha", "0.5", "--alpha-for", bad,
+                     "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --alpha-for {bad!r}: expected PART=A") and err.count("\n") == 1

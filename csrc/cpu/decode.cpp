@@ -15,6 +15,10 @@
 // row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
 // k_cache[l], v_cache[l] (rows >= B, Hkv, W, D) float32 or bfloat16, written at position lens[b]; lens (B,)
 // int64, not advanced.  Returns the final hidden states (B, d) float32.
+//
+// A LoRA factor is stored as its dtype says: A float32 or bfloat16 (r, K), or uint8 (r, ceil(K / 32) * 34) for
+// llama.cpp's Q8_0 blocks, multiplied by the integer dots on the int8 x the base projection already quantized
+// (its format must then be an ":i8" one); B^T float32 or bfloat16 (r, N).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -37,10 +42,30 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 struct Projection {
   PackedLinear base;
-  PackedLinear lora_a;            // A (r, K) as an fp32 weight, its scale folded in; n == 0 without LoRA
-  const float* lora_bt = nullptr;  // B^T (r, N)
+  PackedLinear lora_a;             // A (r, K) as a weight (fp32, bf16 or q8_0:i8); n == 0 without LoRA
+  const void* lora_bt = nullptr;   // B^T (r, N), float32 or bfloat16 (lora_bt_bf16)
+  bool lora_bt_bf16 = false;
   float lora_scale = 0.0f;
 };
+
+// y (N) += sum_j s[j] * B^T[j, :] for the r rows of B^T, float32 or bfloat16.
+void add_lora(float* y, int64_t n, const float* s, int64_t r, const void* bt, bool bf16) {
+  for (int64_t j = 0; j < r; ++j) {
+    const float sj = s[j];
+    if (bf16) {
+      const uint16_t* row = static_cast<const uint16_t*>(bt) + j * n;
+      for (int64_t o = 0; o < n; ++o) {
+        const uint32_t bits = static_cast<uint32_t>(row[o]) << 16;
+        float w;
+        std::memcpy(&w, &bits, sizeof(w));
+        y[o] += sj * w;
+      }
+    } else {
+      const float* row = static_cast<const float*>(bt) + j * n;
+      for (int64_t o = 0; o < n; ++o) y[o] += sj * row[o];
+    }
+  }
+}
 
 // y_i (m, N_i) = x (m, K) W_i^T (+ b_i) (+ scale_i * B_i (A_i x)) for `count` projections that read the same x
 // (q / k / v; gate / up), in one parallel region: their weight rows and their LoRA A factors split over the pool
@@ -77,14 +102,10 @@ void project(const Projection* ps, int count, const float* x, int64_t m, float* 
     if (offset[c] < 0) continue;
     const Projection& p = ps[c];
     const int64_t n = p.base.n, r = p.lora_a.n;
-    const float* s_rows = scratch.data() + offset[c];
+    float* s_rows = scratch.data() + offset[c];
     for (int64_t i = 0; i < m; ++i) {
-      float* yi = ys[c] + i * n;
-      for (int64_t j = 0; j < r; ++j) {
-        const float s = s_rows[i * r + j] * p.lora_scale;
-        const float* bt = p.lora_bt + j * n;
-        for (int64_t o = 0; o < n; ++o) yi[o] += s * bt[o];
-      }
+      for (int64_t j = 0; j < r; ++j) s_rows[i * r + j] *= p.lora_scale;
+      add_lora(ys[c] + i * n, n, s_rows + i * r, r, p.lora_bt, p.lora_bt_bf16);
     }
   }
 }
@@ -169,14 +190,30 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
     TORCH_CHECK_VALUE(lora_a[i].has_value() == lora_b[i].has_value(), "lora_a / lora_b[", i,
                       "]: give both or neither");
     if (lora_a[i].has_value()) {
-      at::Tensor a = checked_f32(*lora_a[i], "lora_a"), bt = checked_f32(*lora_b[i], "lora_b");
-      TORCH_CHECK_VALUE(a.dim() == 2 && bt.dim() == 2 && a.size(1) == k && bt.size(1) == proj[i].base.n &&
+      const at::Tensor& a_in = *lora_a[i];
+      const at::Tensor& bt_in = *lora_b[i];
+      TORCH_CHECK_VALUE(a_in.device().is_cpu() && bt_in.device().is_cpu(), "lora_a / lora_b[", i,
+                        "]: expected CPU tensors");
+      const bool a_q8 = a_in.scalar_type() == at::kByte;
+      TORCH_CHECK_VALUE(a_q8 || a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kBFloat16,
+                        "lora_a[", i, "] has dtype ", a_in.scalar_type(),
+                        ": expected float32, bfloat16 or uint8 (Q8_0 blocks)");
+      TORCH_CHECK_VALUE(bt_in.scalar_type() == at::kFloat || bt_in.scalar_type() == at::kBFloat16, "lora_b[", i,
+                        "] has dtype ", bt_in.scalar_type(), ": expected float32 or bfloat16");
+      TORCH_CHECK_VALUE(!a_q8 || proj[i].base.int_dot, "lora_a[", i, "]: Q8_0 blocks need a base format with "
+                        "integer dots (':i8'), got ", formats[i]);
+      at::Tensor a = a_in.contiguous(), bt = bt_in.contiguous();
+      const int64_t a_cols = a_q8 ? (k + 31) / 32 * 34 : k;
+      TORCH_CHECK_VALUE(a.dim() == 2 && bt.dim() == 2 && a.size(1) == a_cols && bt.size(1) == proj[i].base.n &&
                             bt.size(0) == a.size(0),
-                        "lora_a / lora_b[", i, "]: expected A (r, K) and B^T (r, N)");
+                        "lora_a / lora_b[", i, "]: expected A (r, ", a_cols, ") and B^T (r, ", proj[i].base.n,
+                        "), got ", a.sizes(), " and ", bt.sizes());
       keep.push_back(a);
       keep.push_back(bt);
-      proj[i].lora_a = pack_linear(a, std::nullopt, std::nullopt, "fp32", k);
-      proj[i].lora_bt = bt.data_ptr<float>();
+      const char* a_format = a_q8 ? "q8_0:i8" : (a.scalar_type() == at::kBFloat16 ? "bf16" : "fp32");
+      proj[i].lora_a = pack_linear(a, std::nullopt, std::nullopt, a_format, k);
+      proj[i].lora_bt = bt.data_ptr();
+      proj[i].lora_bt_bf16 = bt.scalar_type() == at::kBFloat16;
       proj[i].lora_scale = static_cast<float>(lora_scale[i]);
     }
   }

@@ -97,9 +97,12 @@ class Projection:
     ``__call__(x)``: (..., K) -> (..., N).  ``kernel_args()``: what ``torch.ops.hmt.decode_step`` takes.
     """
 
+    compact_lora = True  # the adapter beside integer dots goes to the decode step compact (``kernel_args``)
+
     def __init__(self, module: nn.Module):
         adapters, base = _projection_parts(module)
         self.lora_a = self.lora_b = self.lora_bt = None
+        self._compact_lora = None  # (A as Q8_0, B^T bf16) for the decode step beside integer dots
         self.quant = None
         if type(base) is nn.Linear:
             self.weight, self.bias = base.weight, base.bias
@@ -131,9 +134,20 @@ class Projection:
         return y
 
     def kernel_args(self):
-        """(weight, scale, bias, format, lora_a (r, K), lora_b^T (r, N), lora_scale) for the native decode step."""
+        """(weight, scale, bias, format, lora_a (r, K), lora_b^T (r, N), lora_scale) for the native decode step.
+
+        Beside a weight that takes the integer dot products (``QuantLinear.int_dot``: x already quantized to
+        int8 per block of 32), the adapter goes to the decode step compact: A as Q8_0 blocks multiplied by the
+        same integer dots, B^T in bfloat16 (a quarter and a half of the float32 bytes; docs/quantization.md
+        "The adapter beside the blocks").  Float32 otherwise, and always in ``__call__`` (prefill, training)."""
         if self.quant is not None:
-            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, self.lora_a, self.lora_bt, 1.0)
+            a, bt = self.lora_a, self.lora_bt
+            if a is not None and self.quant.int_dot and self.compact_lora:
+                if self._compact_lora is None:
+                    from ..native.quant import quantize_q8_0
+                    self._compact_lora = (quantize_q8_0(a), bt.to(torch.bfloat16).contiguous())
+                a, bt = self._compact_lora
+            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, a, bt, 1.0)
         fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.weight.dtype]
         bias = None if self.bias is None else self.bias.float()
         return (self.weight, None, bias, fmt, None, None, 0.0)
