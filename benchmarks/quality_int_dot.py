@@ -12,7 +12,8 @@ Bash manual; training never saw them) fed through the scheduler one decode step 
 log-likelihood taken from the logits the step produced.  Both variants stream the same ids with the same weights;
 only the activations' precision in the Q4_1 / Q8_0 products (and the adapter's storage) differs.  Then 200 greedy
 tokens after 600 tokens of Persuasion, compared token for token with the exact variant's (the first position where
-they part, if any).
+they part, if any; one prompt, so a near tie early decides it), and the teacher-forced greedy choice at every
+streamed position against the exact variant's (``argmax_agreement_percent``).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ DOCS = {"persuasion": ROOT / "data" / "austen" / "persuasion.txt",
         "bash-manual": ROOT / "data" / "corpus" / "valid" / "technical" / "bash-reference-manual.txt"}
 
 
-def stream_nll(model, ids: list[int]) -> float:
-    """Mean negative log-likelihood of ids[1:], each predicted by the decode step that fed the previous id."""
+def stream_nll(model, ids: list[int]) -> tuple[float, list[int]]:
+    """Mean negative log-likelihood of ids[1:], each predicted by the decode step that fed the previous id, and
+    the greedy choice (argmax) at every position."""
     import torch
 
     from hmt_runtime.incremental.scheduler import Scheduler
@@ -41,12 +43,14 @@ def stream_nll(model, ids: list[int]) -> float:
     sched = Scheduler(model, rows=1)
     row = sched.add(torch.tensor(ids[:1]))
     total = 0.0
+    greedy = []
     with torch.no_grad():
         for token in ids[1:]:
             total -= float(torch.log_softmax(sched.logits[row].double(), -1)[token])
+            greedy.append(int(sched.logits[row].argmax()))
             sched.tokens[row] = token
             sched.step()
-    return total / (len(ids) - 1)
+    return total / (len(ids) - 1), greedy
 
 
 def main(argv=None) -> None:
@@ -76,12 +80,17 @@ def main(argv=None) -> None:
               "ppl": {}, "seconds": {}}
     for name, path in DOCS.items():
         ids = tok(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids[: args.tokens]
+        choices = {}
         for variant, on, compact in variants:
             use(on, compact)
             start = time.perf_counter()
-            result["ppl"][f"{name}/{variant}"] = math.exp(stream_nll(model, ids))
+            nll, choices[variant] = stream_nll(model, ids)
+            result["ppl"][f"{name}/{variant}"] = math.exp(nll)
             result["seconds"][f"{name}/{variant}"] = time.perf_counter() - start
             print(f"{name} {variant}: ppl {result['ppl'][f'{name}/{variant}']:.3f}", flush=True)
+        for variant, _, _ in variants[1:]:  # teacher-forced: the same greedy choice as the exact variant's
+            same = sum(a == b for a, b in zip(choices["exact"], choices[variant]))
+            result.setdefault("argmax_agreement_percent", {})[f"{name}/{variant}"] = 100 * same / len(choices[variant])
     text = DOCS["persuasion"].read_text(encoding="utf-8")
     prompt = torch.tensor([tok(text[20000:40000], add_special_tokens=False).input_ids[:600]])
     greedy = {}

@@ -85,40 +85,96 @@ def test_native_decode_step_equals_the_python_step(lora):
         assert torch.allclose(fused.kv.values[layer], plain.kv.values[layer], rtol=1e-4, atol=1e-5)
 
 
+def wide_lora_backbone(fmt: str):
+    """A float32 Llama wide enough that its products split over two threads, a LoRA adapter on every projection
+    (B large enough to matter), its linears converted to QuantLinear ``fmt`` (the adapter stays beside them)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from hmt_runtime.native import quant
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    backbone = get_peft_model(LlamaForCausalLM(cfg).float().eval(), LoraConfig(r=4, lora_alpha=8,
+                                                                               target_modules=targets))
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    quant.quantize_model(backbone, fmt)
+    return backbone
+
+
+@needs_native
+def test_adapter_beside_the_weights_in_the_decode_step_equals_the_python_step():
+    """fp32 QuantLinear weights with float32 LoRA factors beside them: the decode step (A x on the calling thread,
+    B s added by each thread to the rows it computed) equals the python projections to float32 rounding, in every
+    instruction-set build, with the products split over two threads."""
+    from hmt_runtime.native import quant
+
+    backbone = wide_lora_backbone("fp32")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused = LlamaEngine(backbone, 2, 64, fused_decode=True)
+        plain = LlamaEngine(backbone, 2, 64)
+        assert fused.layers[0].down.lora_a is not None and fused.step_args["lora_a"][6] is not None
+        embeds, step = torch.randn(2, 6, 256), torch.randn(2, 1, 256)
+        with torch.no_grad():
+            for engine in (fused, plain):
+                for row, n in enumerate((3, 6)):
+                    engine.prefill(row, embeds[row : row + 1, :n], 0)
+            b = plain.decode(step, torch.tensor([0, 0]))
+            for isa in quant.isas():
+                with quant.use_isa(isa):
+                    a = fused.decode(step, torch.tensor([0, 0]))
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (isa, float((a - b).abs().max()))
+    finally:
+        torch.set_num_threads(previous)
+
+
 @needs_native
 def test_adapter_beside_integer_dots_goes_to_the_decode_step_compact():
     """Beside q4 blocks with integer dots the decode step gets A as Q8_0 blocks (integer dots on the x the base
-    projection quantized) and B^T in bfloat16; it then equals the step given those factors dequantized to float32
-    up to x's int8 quantization in A's product, and without integer dots the factors stay float32."""
+    projection quantized) and B^T in bfloat16, B added by each thread to the rows it computed; it then equals the
+    step given those factors dequantized to float32 up to x's int8 quantization in A's product, in every
+    instruction-set build, with products wide enough to split over two threads; without integer dots the
+    factors stay float32."""
     from hmt_runtime.native import quant
 
-    model = with_lora(float_model(seed=7, kernels="native"))
-    quant.quantize_model(model.backbone, "q4")
-    quant.set_int_dot(model.backbone, True)
-    compact = LlamaEngine(model.backbone, 2, model.config.window, fused_decode=True)
-    args = compact.layers[0].q.kernel_args()
-    assert args[3] == "q4_1:i8" and args[4].dtype == torch.uint8 and args[5].dtype == torch.bfloat16
-    widened = LlamaEngine(model.backbone, 2, model.config.window, fused_decode=True)
-    for layer in widened.layers:
-        for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
-            a_q8, bt = proj.kernel_args()[4:6]
-            proj._compact_lora = (quant.dequantize_q8_0(a_q8, proj.lora_a.shape[1]), bt.float())
-    widened.step_args = widened._step_args()
-    assert widened.step_args["lora_a"][0].dtype == torch.float32
-    torch.manual_seed(0)
-    embeds = torch.randn(2, 6, model.width) * 0.5
-    step = torch.randn(2, 1, model.width) * 0.5
-    with torch.no_grad():
-        for engine in (compact, widened):
-            for row, n in enumerate((3, 6)):
-                engine.prefill(row, embeds[row : row + 1, :n], 0)
-        a = compact.decode(step, torch.tensor([1, 1]))
-        b = widened.decode(step, torch.tensor([1, 1]))
-    err = float((a - b).abs().max())
-    assert 0 < err < 2e-2 * float(b.abs().max()), err  # the Q8_0 path ran, on the right blocks
+    backbone = wide_lora_backbone("q4")
+    quant.set_int_dot(backbone, True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compact = LlamaEngine(backbone, 2, 64, fused_decode=True)
+        args = compact.layers[0].q.kernel_args()
+        assert args[3] == "q4_1:i8" and args[4].dtype == torch.uint8 and args[5].dtype == torch.bfloat16
+        widened = LlamaEngine(backbone, 2, 64, fused_decode=True)
+        for layer in widened.layers:
+            for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+                a_q8, bt = proj.kernel_args()[4:6]
+                proj._compact_lora = (quant.dequantize_q8_0(a_q8, proj.lora_a.shape[1]), bt.float())
+        widened.step_args = widened._step_args()
+        assert widened.step_args["lora_a"][0].dtype == torch.float32
+        embeds = torch.randn(2, 6, 256)
+        step = torch.randn(2, 1, 256)
+        with torch.no_grad():
+            for engine in (compact, widened):
+                for row, n in enumerate((3, 6)):
+                    engine.prefill(row, embeds[row : row + 1, :n], 0)
+            for isa in quant.isas():  # every instruction-set build of the products and of the B^T epilogue
+                with quant.use_isa(isa):
+                    a = compact.decode(step, torch.tensor([0, 0]))
+                    b = widened.decode(step, torch.tensor([0, 0]))
+                err = float((a - b).abs().max())
+                assert 0 < err < 3e-2 * float(b.abs().max()), (isa, err)  # the Q8_0 path ran
+    finally:
+        torch.set_num_threads(previous)
 
-    quant.set_int_dot(model.backbone, False)
-    exact = LlamaEngine(model.backbone, 2, model.config.window, fused_decode=True)
+    quant.set_int_dot(backbone, False)
+    exact = LlamaEngine(backbone, 2, 64, fused_decode=True)
     args = exact.layers[0].q.kernel_args()
     assert args[3] == "q4_1" and args[4].dtype == torch.float32 and args[5].dtype == torch.float32
 

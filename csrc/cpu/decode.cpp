@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -48,32 +47,13 @@ struct Projection {
   float lora_scale = 0.0f;
 };
 
-// y (N) += sum_j s[j] * B^T[j, :] for the r rows of B^T, float32 or bfloat16.
-void add_lora(float* y, int64_t n, const float* s, int64_t r, const void* bt, bool bf16) {
-  for (int64_t j = 0; j < r; ++j) {
-    const float sj = s[j];
-    if (bf16) {
-      const uint16_t* row = static_cast<const uint16_t*>(bt) + j * n;
-      for (int64_t o = 0; o < n; ++o) {
-        const uint32_t bits = static_cast<uint32_t>(row[o]) << 16;
-        float w;
-        std::memcpy(&w, &bits, sizeof(w));
-        y[o] += sj * w;
-      }
-    } else {
-      const float* row = static_cast<const float*>(bt) + j * n;
-      for (int64_t o = 0; o < n; ++o) y[o] += sj * row[o];
-    }
-  }
-}
-
 // y_i (m, N_i) = x (m, K) W_i^T (+ b_i) (+ scale_i * B_i (A_i x)) for `count` projections that read the same x
-// (q / k / v; gate / up), in one parallel region: their weight rows and their LoRA A factors split over the pool
-// together (linear_parallel_many, x quantized once for the integer dots); then y_i += B_i s as r axpy passes over
-// contiguous rows of B_i^T.
+// (q / k / v; gate / up): first the r outputs of every LoRA A (small: on the calling thread, x quantized once
+// for the integer dots), scaled; then the projections' weight rows split over the pool in one parallel region
+// (linear_parallel_many), each thread adding B_i s to the rows it has just computed (LowRank).
 void project(const Projection* ps, int count, const float* x, int64_t m, float* const* ys,
              std::vector<float>& scratch) {
-  constexpr int kMax = kMaxSharedProjections / 2;  // each projection and its LoRA A
+  constexpr int kMax = kMaxSharedProjections;
   TORCH_CHECK(count <= kMax, "project: ", count, " projections of one input; at most ", kMax);
   std::array<int64_t, kMax> offset;  // each LoRA's (m, r) block in scratch, -1 without LoRA
   int64_t lora = 0;
@@ -82,32 +62,34 @@ void project(const Projection* ps, int count, const float* x, int64_t m, float* 
     if (offset[i] >= 0) lora += m * ps[i].lora_a.n;
   }
   scratch.resize(static_cast<size_t>(lora));
-  std::array<const PackedLinear*, kMaxSharedProjections> packed;
-  std::array<float*, kMaxSharedProjections> outs;
-  std::array<int64_t, kMaxSharedProjections> lds;
-  int used = 0;
-  for (int i = 0; i < count; ++i, ++used) {
-    packed[used] = &ps[i].base;
-    outs[used] = ys[i];
-    lds[used] = ps[i].base.n;
-  }
+  std::array<const PackedLinear*, kMax> packed, factors;
+  std::array<float*, kMax> outs, s_outs;
+  std::array<int64_t, kMax> lds, s_lds;
+  std::array<LowRank, kMax> low_rank;
+  std::array<const LowRank*, kMax> epilogue;
+  int adapters = 0;
   for (int i = 0; i < count; ++i) {
+    packed[i] = &ps[i].base;
+    outs[i] = ys[i];
+    lds[i] = ps[i].base.n;
+    epilogue[i] = nullptr;
     if (offset[i] < 0) continue;
-    packed[used] = &ps[i].lora_a;
-    outs[used] = scratch.data() + offset[i];
-    lds[used++] = ps[i].lora_a.n;
+    const int64_t r = ps[i].lora_a.n;
+    factors[adapters] = &ps[i].lora_a;
+    s_outs[adapters] = scratch.data() + offset[i];
+    s_lds[adapters++] = r;
+    low_rank[i] = LowRank{scratch.data() + offset[i], r, r, ps[i].lora_bt, ps[i].lora_bt_bf16};
+    epilogue[i] = &low_rank[i];
   }
-  linear_parallel_many(packed.data(), used, x, ps[0].base.k, m, outs.data(), lds.data());
-  for (int c = 0; c < count; ++c) {
-    if (offset[c] < 0) continue;
-    const Projection& p = ps[c];
-    const int64_t n = p.base.n, r = p.lora_a.n;
-    float* s_rows = scratch.data() + offset[c];
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < r; ++j) s_rows[i * r + j] *= p.lora_scale;
-      add_lora(ys[c] + i * n, n, s_rows + i * r, r, p.lora_bt, p.lora_bt_bf16);
+  if (adapters > 0) {
+    linear_parallel_many(factors.data(), adapters, x, ps[0].base.k, m, s_outs.data(), s_lds.data());
+    for (int i = 0; i < count; ++i) {
+      if (offset[i] < 0) continue;
+      float* s = scratch.data() + offset[i];
+      for (int64_t j = 0; j < m * ps[i].lora_a.n; ++j) s[j] *= ps[i].lora_scale;
     }
   }
+  linear_parallel_many(packed.data(), count, x, ps[0].base.k, m, outs.data(), lds.data(), epilogue.data());
 }
 
 void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t d, float* out) {

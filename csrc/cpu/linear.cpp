@@ -21,12 +21,14 @@ namespace {
 using RowsFn = void (*)(const LinearArgs&, int64_t, int64_t);
 using DotFn = void (*)(const DotArgs&, int64_t, int64_t);
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*, float*);
+using LowRankFn = void (*)(float*, int64_t, const float*, int64_t, const void*, int64_t, bool);
 
 struct IsaBuild {
   const char* name;
   RowsFn fn;
   DotFn dot;
   QuantizeFn quantize;
+  LowRankFn low_rank;
   bool (*supported)();
 };
 
@@ -55,12 +57,12 @@ bool always() { return true; }
 const std::vector<IsaBuild>& builds() {
   static const std::vector<IsaBuild> list = {
 #ifdef HMT_LINEAR_AVX512
-      {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &cpu_has_avx512},
+      {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &avx512::add_low_rank, &cpu_has_avx512},
 #endif
 #ifdef HMT_LINEAR_AVX2
-      {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &cpu_has_avx2},
+      {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &avx2::add_low_rank, &cpu_has_avx2},
 #endif
-      {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &always},
+      {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &scalar::add_low_rank, &always},
   };
   return list;
 }
@@ -342,7 +344,7 @@ void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, cons
 }
 
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
-                          float* const* ys, const int64_t* ldys) {
+                          float* const* ys, const int64_t* ldys, const LowRank* const* low_rank) {
   if (m <= 0 || count <= 0) return;
   TORCH_CHECK(count <= kMaxSharedProjections, "linear_parallel_many: ", count, " projections; at most ",
               kMaxSharedProjections);
@@ -378,6 +380,13 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
       build.dot(dots[i], n0, n1);
     } else {
       build.fn(plain[i], n0, n1);
+    }
+    const LowRank* lr = low_rank == nullptr ? nullptr : low_rank[i];
+    if (lr != nullptr) {  // the same rows, while they are in cache: y[:, n0:n1] += s B^T[:, n0:n1]
+      const int64_t esize = lr->bf16 ? 2 : 4;
+      for (int64_t row = 0; row < m; ++row)
+        build.low_rank(ys[i] + row * ldys[i] + n0, n1 - n0, lr->s + row * lr->lds, lr->r,
+                       static_cast<const uint8_t*>(lr->bt) + n0 * esize, ps[i]->n, lr->bf16);
     }
   });
 }

@@ -45,9 +45,19 @@ void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t
 // linear_parallel of `count` projections ps[i] (same K, count <= kMaxSharedProjections) of the same x into ys[i]
 // (row stride ldys[i]), in one parallel region: their weight rows split over the pool together, x quantized once
 // for the integer dots.
+// low_rank (optional, one entry per projection, nullptr for none): a LoRA update added to the rows each thread
+// has just computed, y_i[row, n] += sum_j s[row * lds + j] B^T[j, n] (B^T (r, N_i) float32 or bfloat16), so
+// that the adapter's second factor is read in parallel, beside the weight rows it updates.
+struct LowRank {
+  const float* s;   // (m, r): the scaled outputs of A x, row stride lds
+  int64_t lds;
+  int64_t r;
+  const void* bt;   // B^T (r, N), row stride N
+  bool bf16;
+};
 constexpr int kMaxSharedProjections = 8;
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
-                          float* const* ys, const int64_t* ldys);
+                          float* const* ys, const int64_t* ldys, const LowRank* const* low_rank = nullptr);
 
 // The op hmt::linear: x (..., K) float32 -> (..., N) float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,

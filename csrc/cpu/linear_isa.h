@@ -59,8 +59,12 @@ struct DotArgs {
   int64_t ldy;
 };
 
+// y[o] += sum_j s[j] bt[j * ldb + o] for o < n: r rows (row stride ldb elements) of a LoRA factor B^T, float32
+// or (bf16) bfloat16, scaled by the r outputs s of A x; each y vector loaded and stored once.
 #define HMT_LINEAR_BUILD_ENTRIES                                                                     \
   void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);                                  \
+  void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* bt, int64_t ldb,      \
+                    bool bf16);                                                                      \
   void dot_rows(const DotArgs& args, int64_t n0, int64_t n1);                                        \
   void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, int64_t ldq, float* d, \
                   float* s);                                                                         \

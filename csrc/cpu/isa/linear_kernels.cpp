@@ -554,6 +554,28 @@ void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, in
   }
 }
 
+void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* bt, int64_t ldb, bool bf16) {
+  const uint8_t* rows = static_cast<const uint8_t*>(bt);
+  const int64_t row_bytes = ldb * (bf16 ? 2 : 4);
+  int64_t o = 0;
+  for (; o + W <= n; o += W) {
+    vf acc = loadf(y + o);
+    for (int64_t j = 0; j < r; ++j) {
+      const uint8_t* row = rows + j * row_bytes;
+      acc += splat(s[j]) * (bf16 ? BF16::load(row, o) : F32::load(row, o));
+    }
+    __builtin_memcpy(y + o, &acc, sizeof(acc));
+  }
+  for (; o < n; ++o) {
+    float acc = y[o];
+    for (int64_t j = 0; j < r; ++j) {
+      const uint8_t* row = rows + j * row_bytes;
+      acc += s[j] * (bf16 ? BF16::at(row, o) : F32::at(row, o));
+    }
+    y[o] = acc;
+  }
+}
+
 bool dot_uses_vnni() {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return true;
