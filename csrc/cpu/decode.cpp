@@ -10,7 +10,7 @@
 //
 // Contract (hmt_runtime/engines.py, LlamaEngine.decode): x (B, d) float32 input embeddings; per layer l, seven
 // projections in the order q, k, v, o, gate, up, down (weights[7 l + i] with scales / biases / formats /
-// LoRA factors A (r, K) and B^T (r, N) at the same index); norms[2 l] / norms[2 l + 1] the input / post-attention RMSNorm weights and
+// LoRA factors A and B^T at the same index, below); norms[2 l] / norms[2 l + 1] the input / post-attention RMSNorm weights and
 // norms[2 L] the final one (eps at the same indices); cos, sin_signed (B, D): the rotary rows of each batch
 // row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
 // k_cache[l], v_cache[l] (rows >= B, Hkv, W, D) float32 or bfloat16, written at position lens[b]; lens (B,)
@@ -18,7 +18,8 @@
 //
 // A LoRA factor is stored as its dtype says: A float32 or bfloat16 (r, K), or uint8 (r, ceil(K / 32) * 34) for
 // llama.cpp's Q8_0 blocks, multiplied by the integer dots on the int8 x the base projection already quantized
-// (its format must then be an ":i8" one); B^T float32 or bfloat16 (r, N).
+// (its format must then be an ":i8" one); B^T float32 or bfloat16 in tiles of 16 outputs, (ceil(N / 16), r, 16)
+// (linear.h, LowRank; zero past N).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -42,54 +43,41 @@ constexpr float kLog2e = 1.4426950408889634f;
 struct Projection {
   PackedLinear base;
   PackedLinear lora_a;             // A (r, K) as a weight (fp32, bf16 or q8_0:i8); n == 0 without LoRA
-  const void* lora_bt = nullptr;   // B^T (r, N), float32 or bfloat16 (lora_bt_bf16)
+  const void* lora_bt = nullptr;   // B^T tiles (ceil(N / 16), r, 16), float32 or bfloat16 (lora_bt_bf16)
   bool lora_bt_bf16 = false;
   float lora_scale = 0.0f;
 };
 
 // y_i (m, N_i) = x (m, K) W_i^T (+ b_i) (+ scale_i * B_i (A_i x)) for `count` projections that read the same x
-// (q / k / v; gate / up): first the r outputs of every LoRA A (small: on the calling thread, x quantized once
-// for the integer dots), scaled; then the projections' weight rows split over the pool in one parallel region
-// (linear_parallel_many), each thread adding B_i s to the rows it has just computed (LowRank).
+// (q / k / v; gate / up), in one parallel region (linear_parallel_many): the LoRA A products first on the
+// calling thread, then the weight rows split over the pool, each thread adding B_i s to the rows it computed.
 void project(const Projection* ps, int count, const float* x, int64_t m, float* const* ys,
              std::vector<float>& scratch) {
   constexpr int kMax = kMaxSharedProjections;
   TORCH_CHECK(count <= kMax, "project: ", count, " projections of one input; at most ", kMax);
-  std::array<int64_t, kMax> offset;  // each LoRA's (m, r) block in scratch, -1 without LoRA
   int64_t lora = 0;
-  for (int i = 0; i < count; ++i) {
-    offset[i] = ps[i].lora_bt == nullptr ? -1 : lora;
-    if (offset[i] >= 0) lora += m * ps[i].lora_a.n;
-  }
+  for (int i = 0; i < count; ++i)
+    if (ps[i].lora_bt != nullptr) lora += m * ps[i].lora_a.n;
   scratch.resize(static_cast<size_t>(lora));
-  std::array<const PackedLinear*, kMax> packed, factors;
-  std::array<float*, kMax> outs, s_outs;
-  std::array<int64_t, kMax> lds, s_lds;
+  std::array<const PackedLinear*, kMax> packed;
+  std::array<float*, kMax> outs;
+  std::array<int64_t, kMax> lds;
   std::array<LowRank, kMax> low_rank;
-  std::array<const LowRank*, kMax> epilogue;
-  int adapters = 0;
+  std::array<const LowRank*, kMax> updates;
+  int64_t offset = 0;
   for (int i = 0; i < count; ++i) {
     packed[i] = &ps[i].base;
     outs[i] = ys[i];
     lds[i] = ps[i].base.n;
-    epilogue[i] = nullptr;
-    if (offset[i] < 0) continue;
+    updates[i] = nullptr;
+    if (ps[i].lora_bt == nullptr) continue;
     const int64_t r = ps[i].lora_a.n;
-    factors[adapters] = &ps[i].lora_a;
-    s_outs[adapters] = scratch.data() + offset[i];
-    s_lds[adapters++] = r;
-    low_rank[i] = LowRank{scratch.data() + offset[i], r, r, ps[i].lora_bt, ps[i].lora_bt_bf16};
-    epilogue[i] = &low_rank[i];
+    low_rank[i] = LowRank{&ps[i].lora_a, ps[i].lora_scale, scratch.data() + offset, r, ps[i].lora_bt,
+                          ps[i].lora_bt_bf16};
+    updates[i] = &low_rank[i];
+    offset += m * r;
   }
-  if (adapters > 0) {
-    linear_parallel_many(factors.data(), adapters, x, ps[0].base.k, m, s_outs.data(), s_lds.data());
-    for (int i = 0; i < count; ++i) {
-      if (offset[i] < 0) continue;
-      float* s = scratch.data() + offset[i];
-      for (int64_t j = 0; j < m * ps[i].lora_a.n; ++j) s[j] *= ps[i].lora_scale;
-    }
-  }
-  linear_parallel_many(packed.data(), count, x, ps[0].base.k, m, outs.data(), lds.data(), epilogue.data());
+  linear_parallel_many(packed.data(), count, x, ps[0].base.k, m, outs.data(), lds.data(), updates.data());
 }
 
 void rms_norm(const float* x, const float* w, float eps, int64_t rows, int64_t d, float* out) {
@@ -186,10 +174,11 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
                         "integer dots (':i8'), got ", formats[i]);
       at::Tensor a = a_in.contiguous(), bt = bt_in.contiguous();
       const int64_t a_cols = a_q8 ? (k + 31) / 32 * 34 : k;
-      TORCH_CHECK_VALUE(a.dim() == 2 && bt.dim() == 2 && a.size(1) == a_cols && bt.size(1) == proj[i].base.n &&
-                            bt.size(0) == a.size(0),
-                        "lora_a / lora_b[", i, "]: expected A (r, ", a_cols, ") and B^T (r, ", proj[i].base.n,
-                        "), got ", a.sizes(), " and ", bt.sizes());
+      const int64_t tiles = (proj[i].base.n + kLowRankTile - 1) / kLowRankTile;
+      TORCH_CHECK_VALUE(a.dim() == 2 && a.size(1) == a_cols && bt.dim() == 3 && bt.size(0) == tiles &&
+                            bt.size(1) == a.size(0) && bt.size(2) == kLowRankTile,
+                        "lora_a / lora_b[", i, "]: expected A (r, ", a_cols, ") and B^T in tiles (", tiles,
+                        ", r, ", kLowRankTile, "), got ", a.sizes(), " and ", bt.sizes());
       keep.push_back(a);
       keep.push_back(bt);
       const char* a_format = a_q8 ? "q8_0:i8" : (a.scalar_type() == at::kBFloat16 ? "bf16" : "fp32");

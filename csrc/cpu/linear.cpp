@@ -21,7 +21,7 @@ namespace {
 using RowsFn = void (*)(const LinearArgs&, int64_t, int64_t);
 using DotFn = void (*)(const DotArgs&, int64_t, int64_t);
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*, float*);
-using LowRankFn = void (*)(float*, int64_t, const float*, int64_t, const void*, int64_t, bool);
+using LowRankFn = void (*)(float*, int64_t, const float*, int64_t, const void*, bool);
 
 struct IsaBuild {
   const char* name;
@@ -317,6 +317,7 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 template <class Run>
 void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, const Run& run) {
   constexpr int64_t kRowsPerTask = 16;
+  static_assert(kRowsPerTask % kLowRankTile == 0, "a task's first row starts a tile of a LowRank update");
   std::array<int64_t, kMaxSharedProjections + 1> first{};  // the first task of each projection
   double work = 0.0;
   for (int i = 0; i < count; ++i) {
@@ -358,6 +359,14 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
   thread_local std::vector<int8_t> qx;
   thread_local std::vector<float> dx, sx;
   bool quantized = false;
+  const auto quantize_once = [&] {
+    if (quantized) return;
+    qx.resize(static_cast<size_t>(m * ldq));
+    dx.resize(static_cast<size_t>(m * blocks));
+    sx.resize(static_cast<size_t>(m * blocks));
+    build.quantize(x, ldx, m, k, qx.data(), ldq, dx.data(), sx.data());
+    quantized = true;
+  };
   for (int i = 0; i < count; ++i) {
     const PackedLinear& p = *ps[i];
     TORCH_CHECK(p.k == k, "linear_parallel_many: projections of one x must share K (", p.k, " != ", k, ")");
@@ -366,14 +375,24 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
       plain[i] = kernel_args(p, x, ldx, m, ys[i], ldys[i]);
       continue;
     }
-    if (!quantized) {
-      qx.resize(static_cast<size_t>(m * ldq));
-      dx.resize(static_cast<size_t>(m * blocks));
-      sx.resize(static_cast<size_t>(m * blocks));
-      build.quantize(x, ldx, m, k, qx.data(), ldq, dx.data(), sx.data());
-      quantized = true;
-    }
+    quantize_once();
     dots[i] = DotArgs{p.format, p.w, p.row_bytes, k, qx.data(), ldq, dx.data(), sx.data(), m, p.bias, ys[i], ldys[i]};
+  }
+  // The LowRank updates' s = scale * A x (r outputs per row of x: small, on the calling thread, sharing x's
+  // quantization with the projections).
+  for (int i = 0; low_rank != nullptr && i < count; ++i) {
+    const LowRank* lr = low_rank[i];
+    if (lr == nullptr) continue;
+    const PackedLinear& a = *lr->a;
+    TORCH_CHECK(a.k == k && a.n == lr->r, "linear_parallel_many: LowRank A must be (r, K)");
+    if (a.int_dot && m < kDotRows) {
+      quantize_once();
+      build.dot(DotArgs{a.format, a.w, a.row_bytes, k, qx.data(), ldq, dx.data(), sx.data(), m, nullptr, lr->s,
+                        lr->r}, 0, a.n);
+    } else {
+      build.fn(kernel_args(a, x, ldx, m, lr->s, lr->r), 0, a.n);
+    }
+    for (int64_t j = 0; j < m * lr->r; ++j) lr->s[j] *= lr->scale;
   }
   split_weight_rows(ps, count, m, [&](int i, int64_t n0, int64_t n1) {
     if (dot[i]) {
@@ -383,10 +402,10 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
     }
     const LowRank* lr = low_rank == nullptr ? nullptr : low_rank[i];
     if (lr != nullptr) {  // the same rows, while they are in cache: y[:, n0:n1] += s B^T[:, n0:n1]
-      const int64_t esize = lr->bf16 ? 2 : 4;
+      const int64_t tile_bytes = lr->r * kLowRankTile * (lr->bf16 ? 2 : 4);  // n0: a whole task, whole tiles
+      const uint8_t* tiles = static_cast<const uint8_t*>(lr->tiles) + (n0 / kLowRankTile) * tile_bytes;
       for (int64_t row = 0; row < m; ++row)
-        build.low_rank(ys[i] + row * ldys[i] + n0, n1 - n0, lr->s + row * lr->lds, lr->r,
-                       static_cast<const uint8_t*>(lr->bt) + n0 * esize, ps[i]->n, lr->bf16);
+        build.low_rank(ys[i] + row * ldys[i] + n0, n1 - n0, lr->s + row * lr->r, lr->r, tiles, lr->bf16);
     }
   });
 }

@@ -45,14 +45,16 @@ void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t
 // linear_parallel of `count` projections ps[i] (same K, count <= kMaxSharedProjections) of the same x into ys[i]
 // (row stride ldys[i]), in one parallel region: their weight rows split over the pool together, x quantized once
 // for the integer dots.
-// low_rank (optional, one entry per projection, nullptr for none): a LoRA update added to the rows each thread
-// has just computed, y_i[row, n] += sum_j s[row * lds + j] B^T[j, n] (B^T (r, N_i) float32 or bfloat16), so
-// that the adapter's second factor is read in parallel, beside the weight rows it updates.
+// low_rank (optional, one entry per projection, nullptr for none): a LoRA update y_i += scale B (A x).  First
+// s = scale * A x on the calling thread (r outputs per row of x; x quantized once for A and the projections
+// when they take the integer dots), then each thread adds s B^T to the rows it has just computed, so that the
+// adapter's second factor is read in parallel, beside the weight rows it updates.
 struct LowRank {
-  const float* s;   // (m, r): the scaled outputs of A x, row stride lds
-  int64_t lds;
+  const PackedLinear* a;  // A (r, K), any format (":i8" for the integer dots)
+  float scale;
+  float* s;               // (m, r) scratch: receives scale * A x
   int64_t r;
-  const void* bt;   // B^T (r, N), row stride N
+  const void* tiles;      // B^T in tiles of kLowRankTile outputs (ceil(N / 16), r, 16), float32 or bfloat16
   bool bf16;
 };
 constexpr int kMaxSharedProjections = 8;

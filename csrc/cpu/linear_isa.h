@@ -59,16 +59,18 @@ struct DotArgs {
   int64_t ldy;
 };
 
-// y[o] += sum_j s[j] bt[j * ldb + o] for o < n: r rows (row stride ldb elements) of a LoRA factor B^T, float32
-// or (bf16) bfloat16, scaled by the r outputs s of A x; each y vector loaded and stored once.
+// y[o] += sum_j s[j] B^T[j, o] for o < n, B^T in tiles of kLowRankTile outputs (tile t: r rows of 16
+// coefficients, tiles[t * r * 16 + j * 16 + i] = B^T[j, 16 t + i], float32 or (bf16) bfloat16, zero past N):
+// the r outputs s of A x scaled into a LoRA update, read sequentially; each y vector loaded and stored once.
 #define HMT_LINEAR_BUILD_ENTRIES                                                                     \
   void linear_rows(const LinearArgs& args, int64_t n0, int64_t n1);                                  \
-  void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* bt, int64_t ldb,      \
-                    bool bf16);                                                                      \
+  void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* tiles, bool bf16);    \
   void dot_rows(const DotArgs& args, int64_t n0, int64_t n1);                                        \
   void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, int64_t ldq, float* d, \
                   float* s);                                                                         \
   bool dot_uses_vnni();
+
+constexpr int64_t kLowRankTile = 16;
 
 namespace avx512 {
 HMT_LINEAR_BUILD_ENTRIES

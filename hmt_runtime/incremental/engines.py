@@ -102,7 +102,7 @@ class Projection:
     def __init__(self, module: nn.Module):
         adapters, base = _projection_parts(module)
         self.lora_a = self.lora_b = self.lora_bt = None
-        self._compact_lora = None  # (A as Q8_0, B^T bf16) for the decode step beside integer dots
+        self._decode_lora = None  # (compact, A, B^T tiles) as the decode step takes them (kernel_args)
         self.quant = None
         if type(base) is nn.Linear:
             self.weight, self.bias = base.weight, base.bias
@@ -134,23 +134,40 @@ class Projection:
         return y
 
     def kernel_args(self):
-        """(weight, scale, bias, format, lora_a (r, K), lora_b^T (r, N), lora_scale) for the native decode step.
+        """(weight, scale, bias, format, lora_a (r, K), lora_b, lora_scale) for the native decode step, lora_b
+        being B^T in tiles of 16 outputs (``_bt_tiles``).
 
         Beside a weight that takes the integer dot products (``QuantLinear.int_dot``: x already quantized to
         int8 per block of 32), the adapter goes to the decode step compact: A as Q8_0 blocks multiplied by the
-        same integer dots, B^T in bfloat16 (a quarter and a half of the float32 bytes; docs/quantization.md
-        "The adapter beside the blocks").  Float32 otherwise, and always in ``__call__`` (prefill, training)."""
+        same integer dots, B in bfloat16 (a quarter and a half of the float32 bytes; docs/native.md "The adapter
+        beside the blocks").  Float32 otherwise, and always in ``__call__`` (prefill, training)."""
         if self.quant is not None:
-            a, bt = self.lora_a, self.lora_bt
-            if a is not None and self.quant.int_dot and self.compact_lora:
-                if self._compact_lora is None:
+            a = b = None
+            if self.lora_a is not None:
+                compact = bool(self.quant.int_dot and self.compact_lora)
+                if self._decode_lora is None or self._decode_lora[0] != compact:
                     from ..native.quant import quantize_q8_0
-                    self._compact_lora = (quantize_q8_0(a), bt.to(torch.bfloat16).contiguous())
-                a, bt = self._compact_lora
-            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, a, bt, 1.0)
+
+                    a = quantize_q8_0(self.lora_a) if compact else self.lora_a
+                    self._decode_lora = (compact, a, _bt_tiles(self.lora_bt, torch.bfloat16 if compact else torch.float32))
+                _, a, b = self._decode_lora
+            return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, a, b, 1.0)
         fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.weight.dtype]
         bias = None if self.bias is None else self.bias.float()
         return (self.weight, None, bias, fmt, None, None, 0.0)
+
+
+LOW_RANK_TILE = 16  # outputs per tile of B^T in the decode step (csrc/cpu/linear.h, LowRank)
+
+
+def _bt_tiles(bt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B^T (r, N) -> (ceil(N / 16), r, 16) in ``dtype``: the r coefficients of 16 consecutive outputs contiguous
+    (zero past N), so that the thread computing those outputs reads them in one sequential piece."""
+    r, n = bt.shape
+    tiles = -(-n // LOW_RANK_TILE)
+    padded = torch.zeros(r, tiles * LOW_RANK_TILE, dtype=torch.float32)
+    padded[:, :n] = bt.float()
+    return padded.reshape(r, tiles, LOW_RANK_TILE).transpose(0, 1).contiguous().to(dtype)
 
 
 def _is_quant_linear(module: nn.Module) -> bool:

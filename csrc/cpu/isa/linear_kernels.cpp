@@ -554,25 +554,31 @@ void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, in
   }
 }
 
-void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* bt, int64_t ldb, bool bf16) {
-  const uint8_t* rows = static_cast<const uint8_t*>(bt);
-  const int64_t row_bytes = ldb * (bf16 ? 2 : 4);
-  int64_t o = 0;
-  for (; o + W <= n; o += W) {
-    vf acc = loadf(y + o);
-    for (int64_t j = 0; j < r; ++j) {
-      const uint8_t* row = rows + j * row_bytes;
-      acc += splat(s[j]) * (bf16 ? BF16::load(row, o) : F32::load(row, o));
+void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* tiles, bool bf16) {
+  static_assert(kLowRankTile % W == 0, "a tile is whole vectors");
+  const uint8_t* base = static_cast<const uint8_t*>(tiles);
+  const int64_t esize = bf16 ? 2 : 4, tile_bytes = r * kLowRankTile * esize;
+  for (int64_t t0 = 0; t0 < n; t0 += kLowRankTile) {
+    const uint8_t* tile = base + (t0 / kLowRankTile) * tile_bytes;
+    if (t0 + kLowRankTile <= n) {
+      for (int64_t v = 0; v < kLowRankTile; v += W) {
+        vf acc = loadf(y + t0 + v);
+        for (int64_t j = 0; j < r; ++j) {
+          const uint8_t* row = tile + j * kLowRankTile * esize;
+          acc += splat(s[j]) * (bf16 ? BF16::load(row, v) : F32::load(row, v));
+        }
+        __builtin_memcpy(y + t0 + v, &acc, sizeof(acc));
+      }
+    } else {
+      for (int64_t o = t0; o < n; ++o) {
+        float acc = y[o];
+        for (int64_t j = 0; j < r; ++j) {
+          const uint8_t* row = tile + j * kLowRankTile * esize;
+          acc += s[j] * (bf16 ? BF16::at(row, o - t0) : F32::at(row, o - t0));
+        }
+        y[o] = acc;
+      }
     }
-    __builtin_memcpy(y + o, &acc, sizeof(acc));
-  }
-  for (; o < n; ++o) {
-    float acc = y[o];
-    for (int64_t j = 0; j < r; ++j) {
-      const uint8_t* row = rows + j * row_bytes;
-      acc += s[j] * (bf16 ? BF16::at(row, o) : F32::at(row, o));
-    }
-    y[o] = acc;
   }
 }
 
