@@ -164,7 +164,8 @@ def test_adapter_beside_integer_dots_goes_to_the_decode_step_compact():
         for engine in (widened, wide_b):
             engine.step_args = engine._step_args()
         assert widened.step_args["lora_a"][0].dtype == torch.float32
-        assert wide_b.step_args["lora_a"][0].dtype == torch.uint8 and wide_b.step_args["lora_b"][0].dtype == torch.float32
+        assert wide_b.step_args["lora_a"][0].dtype == torch.uint8
+        assert wide_b.step_args["lora_b"][0].dtype == torch.float32
         embeds = torch.randn(2, 6, 264)
         step = torch.randn(2, 1, 264)
         with torch.no_grad():

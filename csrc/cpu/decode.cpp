@@ -10,9 +10,9 @@
 //
 // Contract (hmt_runtime/engines.py, LlamaEngine.decode): x (B, d) float32 input embeddings; per layer l, seven
 // projections in the order q, k, v, o, gate, up, down (weights[7 l + i] with scales / biases / formats /
-// LoRA factors A and B^T at the same index, below); norms[2 l] / norms[2 l + 1] the input / post-attention RMSNorm weights and
-// norms[2 L] the final one (eps at the same indices); cos, sin_signed (B, D): the rotary rows of each batch
-// row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
+// LoRA factors A and B^T at the same index, below); norms[2 l] / norms[2 l + 1] the input / post-attention
+// RMSNorm weights and norms[2 L] the final one (eps at the same indices); cos, sin_signed (B, D): the rotary
+// rows of each batch row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
 // k_cache[l], v_cache[l] (rows >= B, Hkv, W, D) float32 or bfloat16, written at position lens[b]; lens (B,)
 // int64, not advanced.  Returns the final hidden states (B, d) float32.
 //

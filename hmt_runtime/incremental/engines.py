@@ -149,7 +149,8 @@ class Projection:
                     from ..native.quant import quantize_q8_0
 
                     a = quantize_q8_0(self.lora_a) if compact else self.lora_a
-                    self._decode_lora = (compact, a, _bt_tiles(self.lora_bt, torch.bfloat16 if compact else torch.float32))
+                    tiles = _bt_tiles(self.lora_bt, torch.bfloat16 if compact else torch.float32)
+                    self._decode_lora = (compact, a, tiles)
                 _, a, b = self._decode_lora
             return (self.weight, self.quant.scale, self.bias, self.quant.kernel_format, a, b, 1.0)
         fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.weight.dtype]
