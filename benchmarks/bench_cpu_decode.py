@@ -317,6 +317,7 @@ def adapter_share(threads: int, context: int, reps: int = 15, calls: int = 20) -
     import torch
 
     from hmt_runtime import HMTModel
+    from hmt_runtime.incremental.engines import Projection
     from hmt_runtime.incremental.scheduler import Scheduler
 
     torch.set_num_threads(threads)
@@ -326,10 +327,11 @@ def adapter_share(threads: int, context: int, reps: int = 15, calls: int = 20) -
     engine = sched.engine
     assert engine.step_args is not None, "the fused native decode step is not in use"
     compact = engine.step_args
-    for layer in engine.layers:
-        for proj in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
-            proj.compact_lora = False
-    float32 = engine._step_args()
+    Projection.compact_lora = False
+    try:
+        float32 = engine._step_args()
+    finally:
+        Projection.compact_lora = True
     none = dict(compact, lora_a=[None] * len(compact["lora_a"]), lora_b=[None] * len(compact["lora_b"]))
     embeds = model.token_embeddings(sched.tokens[:1, None], sched.state.recalled[:1])
     still = torch.zeros(1, dtype=torch.long)  # the length does not advance: every call decodes the same position

@@ -12,11 +12,12 @@
 // projections in the order q, k, v, o, gate, up, down (weights[7 l + i] with scales / biases / formats /
 // LoRA factors A and B^T at the same index, below); norms[2 l] / norms[2 l + 1] the input / post-attention
 // RMSNorm weights and norms[2 L] the final one (eps at the same indices); cos, sin_signed (B, D): the rotary
-// rows of each batch row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm swapping the halves);
+// rows of each batch row's position, sin_signed = [-sin_1 ; sin_2] (RoPE = x cos + x[perm] sin_signed, perm
+// swapping the halves);
 // k_cache[l], v_cache[l] (rows >= B, Hkv, W, D) float32 or bfloat16, written at position lens[b]; lens (B,)
 // int64, not advanced.  Returns the final hidden states (B, d) float32.
 //
-// A LoRA factor is stored as its dtype says: A float32 or bfloat16 (r, K), or uint8 (r, ceil(K / 32) * 34) for
+// A LoRA factor is stored as its dtype says: A float32 (r, K), or uint8 (r, ceil(K / 32) * 34) for
 // llama.cpp's Q8_0 blocks, multiplied by the integer dots on the int8 x the base projection already quantized
 // (its format must then be an ":i8" one); B^T float32 or bfloat16 in tiles of 16 outputs, (ceil(N / 16), r, 16)
 // (linear.h, LowRank; zero past N).
@@ -42,7 +43,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 struct Projection {
   PackedLinear base;
-  PackedLinear lora_a;             // A (r, K) as a weight (fp32, bf16 or q8_0:i8); n == 0 without LoRA
+  PackedLinear lora_a;             // A (r, K) as a weight (fp32 or q8_0:i8); n == 0 without LoRA
   const void* lora_bt = nullptr;   // B^T tiles (ceil(N / 16), r, 16), float32 or bfloat16 (lora_bt_bf16)
   bool lora_bt_bf16 = false;
   float lora_scale = 0.0f;
@@ -165,9 +166,8 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
       TORCH_CHECK_VALUE(a_in.device().is_cpu() && bt_in.device().is_cpu(), "lora_a / lora_b[", i,
                         "]: expected CPU tensors");
       const bool a_q8 = a_in.scalar_type() == at::kByte;
-      TORCH_CHECK_VALUE(a_q8 || a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kBFloat16,
-                        "lora_a[", i, "] has dtype ", a_in.scalar_type(),
-                        ": expected float32, bfloat16 or uint8 (Q8_0 blocks)");
+      TORCH_CHECK_VALUE(a_q8 || a_in.scalar_type() == at::kFloat, "lora_a[", i, "] has dtype ",
+                        a_in.scalar_type(), ": expected float32 or uint8 (Q8_0 blocks)");
       TORCH_CHECK_VALUE(bt_in.scalar_type() == at::kFloat || bt_in.scalar_type() == at::kBFloat16, "lora_b[", i,
                         "] has dtype ", bt_in.scalar_type(), ": expected float32 or bfloat16");
       TORCH_CHECK_VALUE(!a_q8 || proj[i].base.int_dot, "lora_a[", i, "]: Q8_0 blocks need a base format with "
@@ -181,8 +181,7 @@ at::Tensor decode_step(const at::Tensor& x, const std::vector<at::Tensor>& weigh
                         ", r, ", kLowRankTile, "), got ", a.sizes(), " and ", bt.sizes());
       keep.push_back(a);
       keep.push_back(bt);
-      const char* a_format = a_q8 ? "q8_0:i8" : (a.scalar_type() == at::kBFloat16 ? "bf16" : "fp32");
-      proj[i].lora_a = pack_linear(a, std::nullopt, std::nullopt, a_format, k);
+      proj[i].lora_a = pack_linear(a, std::nullopt, std::nullopt, a_q8 ? "q8_0:i8" : "fp32", k);
       proj[i].lora_bt = bt.data_ptr();
       proj[i].lora_bt_bf16 = bt.scalar_type() == at::kBFloat16;
       proj[i].lora_scale = static_cast<float>(lora_scale[i]);

@@ -57,12 +57,15 @@ bool always() { return true; }
 const std::vector<IsaBuild>& builds() {
   static const std::vector<IsaBuild> list = {
 #ifdef HMT_LINEAR_AVX512
-      {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &avx512::add_low_rank, &cpu_has_avx512},
+      {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &avx512::add_low_rank,
+       &cpu_has_avx512},
 #endif
 #ifdef HMT_LINEAR_AVX2
-      {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &avx2::add_low_rank, &cpu_has_avx2},
+      {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &avx2::add_low_rank,
+       &cpu_has_avx2},
 #endif
-      {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &scalar::add_low_rank, &always},
+      {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &scalar::add_low_rank,
+       &always},
   };
   return list;
 }

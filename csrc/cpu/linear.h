@@ -42,13 +42,7 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 // packed from a ":i8" format take the integer dot products (linear_isa.h, DotArgs).
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy);
 
-// linear_parallel of `count` projections ps[i] (same K, count <= kMaxSharedProjections) of the same x into ys[i]
-// (row stride ldys[i]), in one parallel region: their weight rows split over the pool together, x quantized once
-// for the integer dots.
-// low_rank (optional, one entry per projection, nullptr for none): a LoRA update y_i += scale B (A x).  First
-// s = scale * A x on the calling thread (r outputs per row of x; x quantized once for A and the projections
-// when they take the integer dots), then each thread adds s B^T to the rows it has just computed, so that the
-// adapter's second factor is read in parallel, beside the weight rows it updates.
+// A LoRA update y += scale B (A x) of one projection (linear_parallel_many).
 struct LowRank {
   const PackedLinear* a;  // A (r, K), any format (":i8" for the integer dots)
   float scale;
@@ -57,6 +51,13 @@ struct LowRank {
   const void* tiles;      // B^T in tiles of kLowRankTile outputs (ceil(N / 16), r, 16), float32 or bfloat16
   bool bf16;
 };
+
+// linear_parallel of `count` projections ps[i] (same K, count <= kMaxSharedProjections) of the same x into ys[i]
+// (row stride ldys[i]), in one parallel region: their weight rows split over the pool together, x quantized once
+// for the integer dots.  low_rank (optional, one entry per projection, nullptr for none): first s = scale * A x
+// on the calling thread (r outputs per row of x, sharing x's quantization with the projections), then each
+// thread adds s B^T to the rows it has just computed, so that the adapter's second factor is read in parallel,
+// beside the weight rows it updates.
 constexpr int kMaxSharedProjections = 8;
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
                           float* const* ys, const int64_t* ldys, const LowRank* const* low_rank = nullptr);
