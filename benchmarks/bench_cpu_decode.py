@@ -46,7 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FORMATS = ("fp32", "bf16", "int8", "q4", "q4-exact")  # q4-exact: q4 with HMT_INT_DOT=0 (float32-exact kernels)
+# q4-exact: q4 with HMT_INT_DOT=0 (float32-exact kernels, float32 KV cache); q4-fp32kv: q4 as users run it but
+# with HMT_KV_CACHE=fp32 (the KV cache in float32 instead of the bfloat16 the integer-dot path stores by default)
+FORMATS = ("fp32", "bf16", "int8", "q4", "q4-exact", "q4-fp32kv")
+VARIANTS = {"q4-exact": ("q4", {"HMT_INT_DOT": "0"}), "q4-fp32kv": ("q4", {"HMT_KV_CACHE": "fp32"})}
 SYSTEMS = ("llama.cpp", "hmt", "hmt-batch8", "hmt-base", "transformers")
 BATCH_ROWS = 8
 CONTEXTS = (256, 2048, 8128)
@@ -224,7 +227,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    fmt = "q4" if spec["format"] == "q4-exact" else spec["format"]
+    fmt = VARIANTS.get(spec["format"], (spec["format"], {}))[0]
     system, args = spec["system"], (spec["context"], spec["new_tokens"], spec["threads"], fmt)
     if system == "llama.cpp":
         out = run_llama_cpp(*args)
@@ -241,8 +244,7 @@ def worker(spec: dict) -> dict:
 def spawn(spec: dict, timeout: float) -> dict:
     """Run one configuration in a fresh process; its result, or {"skipped"/"error": why}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    if spec.get("format") == "q4-exact":
-        env["HMT_INT_DOT"] = "0"
+    env.update(VARIANTS.get(spec.get("format"), (None, {}))[1])
     try:
         done = subprocess.run([sys.executable, __file__, "worker", json.dumps(spec)], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=ROOT)

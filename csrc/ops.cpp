@@ -72,7 +72,12 @@ pybind11::dict build_info() {
   } catch (const c10::Error& err) {  // a bad HMT_ISA: reported here, raised by the linear ops
     info["linear_isa"] = std::string("error: ") + err.what_without_backtrace();
   }
-  info["linear_isas"] = hmt::cpu::linear_isas();  // the builds this CPU can run, best first
+  info["linear_isas"] = hmt::cpu::linear_isas();
+  try {
+    info["linear_bf16"] = hmt::cpu::linear_bf16();  // bfloat16 products beside the integer dots (AVX512-BF16)
+  } catch (const c10::Error&) {
+    info["linear_bf16"] = false;
+  }  // the builds this CPU can run, best first
   info["compiler"] = __VERSION__;
   return info;
 }
@@ -83,7 +88,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native hmt ops; importing this module registers torch.ops.hmt.*";
   m.def("build_info", &build_info,
         "dict: cuda (CUDA kernels compiled in), openmp, cpu_isa (instruction set the CPU kernels run with), "
-        "linear_isa and linear_isas (the weight-only linear kernels' build in use and those this CPU runs), compiler");
+        "linear_isa and linear_isas (the weight-only linear kernels' build in use and those this CPU runs), "
+        "linear_bf16 (that build's bfloat16 products run here), compiler");
   m.def("set_linear_isa", &hmt::cpu::set_linear_isa, pybind11::arg("name"),
         "Use the avx512, avx2 or scalar build of the weight-only linear kernels (ValueError when unavailable)");
 }

@@ -242,3 +242,57 @@ def test_quantized_backbone_with_lora_on_the_lean_engine(fmt):
     model.config.kernels = "torch"  # the python path over the same QuantLinear modules
     assert generate(model, [prompt], max_new_tokens=SEGMENT)[0] == out
     assert out == forward_greedy(model, prompt, SEGMENT)
+
+
+@needs_native
+def test_bfloat16_kv_cache_written_and_read_by_the_native_attention():
+    """A bfloat16 KV cache (``kv_dtype``): prefill (the fused attention) and the one-op decode step append to it in
+    bfloat16 and read it widened; hidden states stay within bfloat16 rounding of the float32 cache's, and are not
+    equal to them (the cache really is stored in bfloat16).  Only the fused attention can hold another type than
+    the backbone's."""
+    from hmt_runtime.native import kernels as native
+
+    model = float_model(kernels="native", seed=6)
+    ops = native.ops()
+    half = LlamaEngine(model.backbone, 3, model.config.window, ops, fused_decode=True, kv_dtype=torch.bfloat16)
+    full = LlamaEngine(model.backbone, 3, model.config.window, ops, fused_decode=True)
+    assert half.kv.keys[0].dtype == half.kv.values[-1].dtype == torch.bfloat16
+    assert full.kv.keys[0].dtype == torch.float32
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(3, 9, model.width, generator=g) * 0.5
+    steps = torch.randn(4, 3, 1, model.width, generator=g) * 0.5
+    outs = []
+    with torch.no_grad():
+        for engine in (half, full):
+            hidden = [engine.prefill(row, embeds[row : row + 1, :n], 0) for row, n in enumerate((3, 9, 6))]
+            for step in steps:
+                hidden.append(engine.decode(step, torch.tensor([1, 1, 0])))
+            outs.append(hidden)
+    for a, b in zip(*outs):
+        err = float((a - b).abs().max())
+        assert 0 < err < 1e-2 * float(b.abs().max()), (err, seed)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        LlamaEngine(model.backbone, 1, model.config.window, None, kv_dtype=torch.bfloat16)
+
+
+@needs_native
+def test_kv_cache_type_follows_the_path(monkeypatch):
+    """HMT_KV_CACHE=auto: bfloat16 beside integer dots (q4 weights), the model's dtype for float32 weights (exact
+    against the forward); "bf16" forces it under the fused step, "fp32" turns it off, anything else is refused."""
+    from hmt_runtime.native import quant
+
+    exact = float_model(kernels="native", seed=7)
+    assert Scheduler(exact).kv.keys[0].dtype == torch.float32
+    approximate = float_model(kernels="native", seed=7)
+    quant.quantize_model(approximate.backbone, "q4")
+    sched = Scheduler(approximate)
+    assert sched.backend.kv_dtype == torch.bfloat16 and sched.kv.keys[0].dtype == torch.bfloat16
+    monkeypatch.setenv("HMT_KV_CACHE", "fp32")
+    assert Scheduler(approximate).kv.keys[0].dtype == torch.float32
+    monkeypatch.setenv("HMT_KV_CACHE", "bf16")
+    assert Scheduler(exact).kv.keys[0].dtype == torch.bfloat16
+    assert Scheduler(float_model(seed=7)).kv.keys[0].dtype == torch.float32  # torch ops: no fused step
+    monkeypatch.setenv("HMT_KV_CACHE", "half")
+    with pytest.raises(ValueError, match="HMT_KV_CACHE='half'"):
+        Scheduler(exact)

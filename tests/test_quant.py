@@ -95,13 +95,14 @@ def _quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 @needs_native
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-def test_integer_dot_products_against_float64(fmt, isa, fresh_seed, threads):
+def test_integer_dot_products_against_float64(fmt, isa, fresh_seed, threads, monkeypatch):
     """The ":i8" formats (x quantized to int8 per block of 32, integer dot products): equal to the float64
     product of the quantized x within the float32 summation bound, and to the float64 product of x itself within
     the quantization bound sum |w| d / 2; odd K (partial last blocks), N beyond a thread's rows, M below and at
     the 4-row switch to the float32 kernels."""
     if isa not in _isas():
         pytest.skip(f"this CPU or build has no {isa} kernels (has {_isas()})")
+    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # from 4 rows the float32 kernels (the bfloat16 products: below)
     g = torch.Generator().manual_seed(fresh_seed)
     threads(2)
     with quant.use_isa(isa):
@@ -204,6 +205,44 @@ def test_bf16_weights_prefill_on_the_bfloat16_gemm(fresh_seed, monkeypatch):
             assert not torch.equal(y, torch.ops.hmt.linear(x, layer.qweight, None, layer.bias, "bf16"))
         monkeypatch.setenv("HMT_BF16_GEMM", "0")
         _check_close(layer(x), x, w64, layer.bias, fresh_seed, f"bf16 M={m} with HMT_BF16_GEMM=0")
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_integer_dot_formats_take_bfloat16_products_from_4_rows(fmt, fresh_seed, threads, monkeypatch):
+    """The approximate path from 4 rows of x on: a q4 / q8 layer with the integer dots on runs 4-31 rows on the
+    bfloat16 tiles (where the build in use has them: AVX512-BF16) and 32 rows and more as bfloat16 GEMMs over
+    dequantized panels, with HMT_BF16_GEMM=1 (the default on such CPUs): x, the weights (and the GEMM's outputs)
+    rounded to bfloat16 (2^-9 relative each), float32 accumulation, bias in float32; several panels, a partial
+    last block (K = 1500), a partial last panel, odd row counts, two threads, a column slice through linear_out.
+    Without the tiles (other CPUs) and with HMT_BF16_GEMM=0 it equals the float32-exact layer."""
+    from hmt_runtime.native import kernels as native
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    n, k = 700, 1500
+    weight, bias = torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    exact, layer = quant.from_weight(weight, fmt, bias), quant.from_weight(weight, fmt, bias)
+    quant.set_int_dot(layer, True)
+    w64 = layer.dequantize().double()
+    tiles = native.build_info()["linear_bf16"]
+    threads(2)
+    for m in (4, 5, 8, 13, 31, 32, 45):
+        x = torch.randn(m, k, generator=g)
+        monkeypatch.setenv("HMT_BF16_GEMM", "1")
+        y = layer(x)
+        buffer = torch.full((m, n + 9), float("nan"))
+        torch.ops.hmt.linear_out(x, layer.qweight, None, layer.bias, layer.kernel_format, buffer[:, 4:4 + n])
+        assert torch.equal(buffer[:, 4:4 + n], y) and buffer[:, :4].isnan().all() and buffer[:, 4 + n:].isnan().all()
+        if m < 32 and not tiles:
+            assert torch.equal(y, exact(x)), f"{fmt} M={m}"
+            continue
+        magnitude = x.double().abs() @ w64.abs().T
+        err = (y.double() - (x.double() @ w64.T + bias.double())).abs()
+        bound = 2.0 ** -7 * magnitude + (k + 2) * U * (magnitude + bias.double().abs())
+        assert (err <= bound).all(), f"{fmt} M={m} (seed {fresh_seed}): {(err / bound).max():.2f}x the bound"
+        assert not torch.equal(y, exact(x)), f"{fmt} M={m}: the bfloat16 products were not taken"
+        monkeypatch.setenv("HMT_BF16_GEMM", "0")
+        assert torch.equal(layer(x), exact(x)), f"{fmt} M={m} with HMT_BF16_GEMM=0"
 
 
 @needs_native
@@ -346,10 +385,12 @@ def test_tiny_llama_end_to_end(fmt, tied, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["q4", "int8"])
-def test_lora_stays_beside_the_quantized_base(tmp_path, fmt):
+def test_lora_stays_beside_the_quantized_base(tmp_path, fmt, monkeypatch):
     """A peft LoRA adapter loaded over QuantLinear layers: adapters unmerged, forward = the float peft model over
     the dequantized weights."""
     from peft import LoraConfig, PeftModel, get_peft_model
+
+    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # the float32 kernels beside the integer dots (compared exactly)
 
     model = _tiny_llama(tied=True)
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
@@ -398,6 +439,7 @@ def test_default_backbone_q4_is_the_gguf_blocks():
 
     fp, tokenizer = load_backbone("smollm2-135m")
     q4, _ = load_backbone("smollm2-135m", weights="q4")
+    quant.set_int_dot(q4, False)  # the float32-exact kernels (the approximate path: benchmarks/quality_int_dot.py)
     kinds = sorted(set(q4.hmt_quantized.values()))
     assert kinds == ["q4 (gguf Q4_1)", "q8 (gguf Q8_0) (tied: also the input embedding)"], kinds
     fp_modules = dict(fp.named_modules())
@@ -429,6 +471,7 @@ def test_default_model_q4_applies_the_adapters_beside_the_blocks():
 
     fp = HMTModel.from_pretrained("default", kernels="torch", weights="fp32")
     q4 = HMTModel.from_pretrained("default", kernels="torch", weights="q4")
+    quant.set_int_dot(q4, False)  # the float32-exact kernels, as above
     assert isinstance(q4.backbone, lean.LlamaForCausalLM)  # no transformers modeling, no peft
     lora = [m for m in q4.backbone.modules() if isinstance(m, lean.LoraLinear)]
     assert len(lora) == 30 * 7 and all(isinstance(m.base_layer, quant.QuantLinear) for m in lora)  # q k v o gate up down

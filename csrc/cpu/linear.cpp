@@ -22,6 +22,7 @@ using RowsFn = void (*)(const LinearArgs&, int64_t, int64_t);
 using DotFn = void (*)(const DotArgs&, int64_t, int64_t);
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*, float*);
 using LowRankFn = void (*)(float*, int64_t, const float*, int64_t, const void*, bool);
+using Bf16Fn = void (*)(const Bf16Args&, int64_t, int64_t);
 
 struct IsaBuild {
   const char* name;
@@ -30,6 +31,8 @@ struct IsaBuild {
   QuantizeFn quantize;
   LowRankFn low_rank;
   bool (*supported)();
+  Bf16Fn bf16;
+  bool (*bf16_supported)();
 };
 
 bool cpu_has_avx512() {
@@ -58,14 +61,14 @@ const std::vector<IsaBuild>& builds() {
   static const std::vector<IsaBuild> list = {
 #ifdef HMT_LINEAR_AVX512
       {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &avx512::add_low_rank,
-       &cpu_has_avx512},
+       &cpu_has_avx512, &avx512::bf16_rows, &avx512::bf16_rows_supported},
 #endif
 #ifdef HMT_LINEAR_AVX2
       {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &avx2::add_low_rank,
-       &cpu_has_avx2},
+       &cpu_has_avx2, &avx2::bf16_rows, &avx2::bf16_rows_supported},
 #endif
       {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &scalar::add_low_rank,
-       &always},
+       &always, &scalar::bf16_rows, &scalar::bf16_rows_supported},
   };
   return list;
 }
@@ -126,8 +129,9 @@ int64_t block_count(int64_t k) { return (k + 31) / 32; }
 // From this many rows of x on, hmt::linear / linear_out run linear_gemm (prefill) instead of the weight-only
 // kernels (decode, short chunks).
 constexpr int64_t kGemmRows = 32;
-// Integer dot products ("...:i8" formats) for fewer than this many rows of x; from it on the float32 kernels,
-// which dequantize each weight vector once for a tile of rows, are faster.
+// Integer dot products ("...:i8" formats) for fewer than this many rows of x; from it on, the bfloat16 products
+// where the CPU has them (bf16_panels: AVX512-BF16, HMT_BF16_GEMM), else the float32 kernels, which dequantize
+// each weight vector once for a tile of rows.
 constexpr int64_t kDotRows = 4;
 
 const char* format_name(WeightFormat f) {
@@ -212,15 +216,38 @@ void dequantize_rows(const PackedLinear& p, int64_t n0, int64_t n1, float* out) 
 // Many rows of x (prefill): the weight rows dequantized a panel at a time (about 2 MB of float32, so the
 // panel stays in cache) and multiplied by torch's float32 GEMM, which reuses each weight many times where the
 // weight-only kernels re-decode it per tile of x.  Same float32 products, another summation order.
+// Whether the integer-dot formats (":i8", the approximate path) run prefill panels as bfloat16 GEMMs: as
+// hmt_runtime.native.quant.bf16_gemm() decides for bf16 weights, HMT_BF16_GEMM=0|1 (read on every call, so it can
+// change at run time), else whether the CPU has bfloat16 dot products (AVX512-BF16; CPUs with AMX have it too).
+bool bf16_panels() {
+  const char* env = std::getenv("HMT_BF16_GEMM");
+  if (env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0)) return env[0] == '1';
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool supported = __builtin_cpu_supports("avx512bf16");
+  return supported;
+#else
+  return false;
+#endif
+}
+
 void linear_gemm(const PackedLinear& p, const at::Tensor& x2, const at::Tensor& y2) {
   const int64_t panel = std::max<int64_t>(64, ((int64_t{1} << 19) / p.k) / 16 * 16);
   at::Tensor w = at::empty({std::min(panel, p.n), p.k}, x2.options());
+  // The approximate path: x and each dequantized panel rounded to bfloat16, torch's bfloat16 GEMM (float32
+  // accumulation, outputs rounded to bfloat16), ~2x the float32 GEMM where the CPU has bfloat16 dot products.
+  const bool bf16 = p.int_dot && bf16_panels();
+  const at::Tensor xb = bf16 ? x2.to(at::kBFloat16) : at::Tensor();
+  at::Tensor wb = bf16 ? at::empty_like(w, w.options().dtype(at::kBFloat16)) : at::Tensor();
   for (int64_t n0 = 0; n0 < p.n; n0 += panel) {
     const int64_t n1 = std::min(p.n, n0 + panel);
     at::Tensor wp = w.narrow(0, 0, n1 - n0);
     dequantize_rows(p, n0, n1, wp.data_ptr<float>());
     at::Tensor out = y2.narrow(1, n0, n1 - n0);
-    if (out.is_contiguous()) {
+    if (bf16) {
+      at::Tensor wbp = wb.narrow(0, 0, n1 - n0);
+      wbp.copy_(wp);
+      out.copy_(at::mm(xb, wbp.t()));
+    } else if (out.is_contiguous()) {
       at::mm_out(out, x2, wp.t());
     } else {
       out.copy_(at::mm(x2, wp.t()));
@@ -355,7 +382,8 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
   const IsaBuild& build = active();
   std::array<LinearArgs, kMaxSharedProjections> plain;  // per call on the hot path: no heap allocation
   std::array<DotArgs, kMaxSharedProjections> dots;
-  std::array<bool, kMaxSharedProjections> dot{};
+  std::array<Bf16Args, kMaxSharedProjections> bf16s;
+  std::array<bool, kMaxSharedProjections> dot{}, bf16{};
   const int64_t k = ps[0]->k, blocks = block_count(k), ldq = blocks * 32;
   // The integer-dot path: x quantized per block of 32 once (on the calling thread) for every projection that
   // takes it.
@@ -370,10 +398,28 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
     build.quantize(x, ldx, m, k, qx.data(), ldq, dx.data(), sx.data());
     quantized = true;
   };
+  // From kDotRows rows on, the same layers take bfloat16 products where the CPU has them (linear_isa.h,
+  // Bf16Args): x rounded to bfloat16 once, here.
+  thread_local std::vector<uint16_t> xb;
+  const bool bf16_tiles = m >= kDotRows && build.bf16_supported() && bf16_panels();
+  bool rounded = false;
+  const auto round_once = [&] {
+    if (rounded) return;
+    xb.assign(static_cast<size_t>(m * ldq), 0);
+    for (int64_t row = 0; row < m; ++row)
+      for (int64_t j = 0; j < k; ++j) xb[row * ldq + j] = c10::BFloat16(x[row * ldx + j]).x;
+    rounded = true;
+  };
   for (int i = 0; i < count; ++i) {
     const PackedLinear& p = *ps[i];
     TORCH_CHECK(p.k == k, "linear_parallel_many: projections of one x must share K (", p.k, " != ", k, ")");
     dot[i] = p.int_dot && m < kDotRows;
+    bf16[i] = p.int_dot && bf16_tiles;
+    if (bf16[i]) {
+      round_once();
+      bf16s[i] = Bf16Args{p.format, p.w, p.row_bytes, k, xb.data(), ldq, m, p.bias, ys[i], ldys[i]};
+      continue;
+    }
     if (!dot[i]) {
       plain[i] = kernel_args(p, x, ldx, m, ys[i], ldys[i]);
       continue;
@@ -400,6 +446,8 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
   split_weight_rows(ps, count, m, [&](int i, int64_t n0, int64_t n1) {
     if (dot[i]) {
       build.dot(dots[i], n0, n1);
+    } else if (bf16[i]) {
+      build.bf16(bf16s[i], n0, n1);
     } else {
       build.fn(plain[i], n0, n1);
     }
@@ -461,6 +509,8 @@ void linear_out(const at::Tensor& x, const at::Tensor& weight, const std::option
 }
 
 std::string linear_isa() { return active().name; }
+
+bool linear_bf16() { return active().bf16_supported(); }
 
 
 std::vector<std::string> linear_isas() {

@@ -74,6 +74,7 @@ void linear_out(const at::Tensor& x, const at::Tensor& weight, const std::option
 // The instruction-set build in use ("avx512", "avx2" or "scalar"), the builds this CPU can run (best first), and
 // a switch between them (ValueError for a build that is missing or that the CPU cannot run).
 std::string linear_isa();
+bool linear_bf16();  // whether the build in use has the bfloat16 products (Bf16Args) on this CPU
 std::vector<std::string> linear_isas();
 void set_linear_isa(const std::string& name);
 

@@ -59,6 +59,23 @@ struct DotArgs {
   int64_t ldy;
 };
 
+// bfloat16 products for a few rows of x beside the integer dots (4 <= m < 32; CPUs with AVX512-BF16): x rounded
+// to bfloat16 once (xb, zero past K up to whole blocks), each Q4_1 / Q8_0 block dequantized to float32 (exact)
+// and rounded to bfloat16 once per tile of rows, vdpbf16ps into float32 accumulators; bias in float32.  The
+// error against the float32-exact kernels is that of the two roundings (2^-9 relative each).
+struct Bf16Args {
+  WeightFormat format;  // kQ4_1 or kQ8_0
+  const uint8_t* w;     // row n at w + n * row_bytes
+  int64_t row_bytes;
+  int64_t k;            // K (the last block may be partial: xb is zero past K)
+  const uint16_t* xb;   // row i at xb + i * ldxb: ceil(K / 32) * 32 bfloat16 bit patterns
+  int64_t ldxb;
+  int64_t m;            // rows of x
+  const float* bias;    // (N,) or nullptr
+  float* y;             // y[i, n] at y + i * ldy + n
+  int64_t ldy;
+};
+
 // y[o] += sum_j s[j] B^T[j, o] for o < n, B^T in tiles of kLowRankTile outputs (tile t: r rows of 16
 // coefficients, tiles[t * r * 16 + j * 16 + i] = B^T[j, 16 t + i], float32 or (bf16) bfloat16, zero past N):
 // the r outputs s of A x scaled into a LoRA update, read sequentially; each y vector loaded and stored once.
@@ -68,7 +85,9 @@ struct DotArgs {
   void dot_rows(const DotArgs& args, int64_t n0, int64_t n1);                                        \
   void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, int64_t ldq, float* d, \
                   float* s);                                                                         \
-  bool dot_uses_vnni();
+  bool dot_uses_vnni();                                                                              \
+  void bf16_rows(const Bf16Args& args, int64_t n0, int64_t n1);                                      \
+  bool bf16_rows_supported();
 
 constexpr int64_t kLowRankTile = 16;
 

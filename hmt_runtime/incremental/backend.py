@@ -8,6 +8,7 @@ calls to sdpa by itself); nothing flips it afterwards.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -96,13 +97,35 @@ def model_ops(model) -> Ops:
 class Backend:
     """What runs a model's incremental path.  ops: the three HMT ops.  engine: "lean" | "transformers".
     cuda_graphs: capture the decode / boundary steps.  lean_reason: why the lean engine is not used (or None).
-    fused_decode: the lean engine's decode step is one native op (CPU, native kernels, float32 activations)."""
+    fused_decode: the lean engine's decode step is one native op (CPU, native kernels, float32 activations).
+    kv_dtype: the KV cache's storage type (None: the model's dtype; ``kv_cache_dtype``)."""
 
     ops: Ops
     engine: str
     cuda_graphs: bool
     lean_reason: str | None
     fused_decode: bool = False
+    kv_dtype: torch.dtype | None = None
+
+
+KV_CACHE_CHOICES = ("auto", "bf16", "fp32")
+
+
+def kv_cache_dtype(model, fused_decode: bool) -> torch.dtype | None:
+    """The KV cache's storage type for ``model`` (an HMTModel); None means the model's dtype.
+
+    ``HMT_KV_CACHE`` = "auto" (default): bfloat16 under the fused CPU decode step when the backbone's projections
+    take the integer dot products (8-bit activations: the approximate path, where a bfloat16 cache costs no
+    measurable quality; benchmarks/RESULTS.md), else the model's dtype, so float32 weights stay exact against the
+    teacher-forced forward.  "bf16": bfloat16 whenever the decode step is fused.  "fp32": the model's dtype."""
+    choice = os.environ.get("HMT_KV_CACHE", "auto")
+    if choice not in KV_CACHE_CHOICES:
+        raise ValueError(f"HMT_KV_CACHE={choice!r}: expected one of {KV_CACHE_CHOICES}")
+    if not fused_decode or choice == "fp32":
+        return None
+    if choice == "bf16" or any(getattr(m, "int_dot", False) for m in model.backbone.modules()):
+        return torch.bfloat16
+    return None
 
 
 def select_backend(model, engine: str = "auto", cuda_graphs="auto") -> Backend:
@@ -126,4 +149,4 @@ def select_backend(model, engine: str = "auto", cuda_graphs="auto") -> Backend:
         ops = model_ops(model)
     fused = (kind == "lean" and ops.name == "native" and model.device.type == "cpu" and model.dtype == torch.float32
              and hasattr(torch.ops.hmt, "decode_step"))
-    return Backend(ops, kind, graphs, reason, fused)
+    return Backend(ops, kind, graphs, reason, fused, kv_cache_dtype(model, fused))

@@ -316,9 +316,13 @@ class LlamaEngine(Engine):
 
     name = "lean"
 
-    def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None, fused_decode: bool = False):
+    def __init__(self, backbone: nn.Module, kv_rows: int, window: int, ops=None, fused_decode: bool = False,
+                 kv_dtype: torch.dtype | None = None):
         """fused_decode: run ``decode`` as one native op (``torch.ops.hmt.decode_step``; float32 activations on
-        CPU, the native extension loaded); ``hmt_runtime.incremental.backend`` decides."""
+        CPU, the native extension loaded); ``hmt_runtime.incremental.backend`` decides.  kv_dtype: the KV
+        cache's storage type (default: the backbone's); another one than the backbone's needs the backend's
+        fused attention, which appends in the cache's type and reads it widened (float32 activations with a
+        bfloat16 cache: half the bytes per position read by every decode step)."""
         inner = backbones.unwrap(backbone)
         body = backbones.decoder_body(backbone)
         config = inner.config
@@ -345,10 +349,14 @@ class LlamaEngine(Engine):
         self.rotary = body.rotary_emb
         self.perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
         self.cos, self.sin = self.rope(torch.arange(window, device=self.device))  # (W, D): one segment's positions
-        self.kv = StaticKV(self.n_layers, kv_rows, window, self.device, self.dtype, (self.kv_heads, self.head_dim))
+        self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
+        kv_dtype = self.dtype if kv_dtype is None else kv_dtype
+        if kv_dtype != self.dtype and self.fused is None:
+            raise ValueError(f"kv_dtype={kv_dtype}: a KV cache in another type than the backbone's "
+                             f"({self.dtype}) needs the native or Triton attention, got the torch ops")
+        self.kv = StaticKV(self.n_layers, kv_rows, window, self.device, kv_dtype, (self.kv_heads, self.head_dim))
         self.positions = torch.arange(window, device=self.device)  # (W,)
         self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
-        self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
         self.step_args = self._step_args() if fused_decode else None
         # With the fused decode step, a plain float32 LM head runs on the native weight-only kernel too (for a
         # few rows it reads the weight ~2x faster than torch's GEMM on the CPUs measured).
@@ -579,13 +587,14 @@ class HFEngine(Engine):
 
 
 
-def make_engine(model, rows: int, kind: str, ops=None, fused_decode: bool = False) -> Engine:
+def make_engine(model, rows: int, kind: str, ops=None, fused_decode: bool = False,
+                kv_dtype: torch.dtype | None = None) -> Engine:
     """The engine ``kind`` ("lean" | "transformers", chosen by ``hmt_runtime.incremental.backend.select_backend``) for
     ``model`` (an HMTModel) with ``rows`` rows of ``model.config.kv_window`` positions (W, and the replayed
-    slots' ids with ``replay``)."""
+    slots' ids with ``replay``); kv_dtype (lean only): the KV cache's storage type, default the model's."""
     window = model.config.kv_window
     if kind == "lean":
-        return LlamaEngine(model.backbone, rows, window, ops, fused_decode)
+        return LlamaEngine(model.backbone, rows, window, ops, fused_decode, kv_dtype)
     if kind == "transformers":
         return HFEngine(model, rows, window)
     raise ValueError(f"engine kind {kind!r}: expected 'lean' or 'transformers'")

@@ -89,7 +89,8 @@ class Scheduler:
         self.model, self.cfg, self.rows = model, model.config, rows
         self.backend = select_backend(model, engine, cuda_graphs)
         self.ops = self.backend.ops
-        self.engine = make_engine(model, rows, self.backend.engine, self.ops, self.backend.fused_decode)
+        self.engine = make_engine(model, rows, self.backend.engine, self.ops, self.backend.fused_decode,
+                                  self.backend.kv_dtype)
         self.kv = self.engine.kv
         device = model.device
         self.state = MemoryState.empty(self.cfg, rows, model.width, device=device, dtype=model.dtype)
