@@ -2,9 +2,11 @@
 
     python benchmarks/bench_cpu_decode.py                       # everything: about 15 minutes on 2 cores
     python benchmarks/bench_cpu_decode.py --formats fp32 q4 --contexts 256 2048 --systems llama.cpp hmt
+    python benchmarks/bench_cpu_decode.py --systems llama.cpp hmt hmt-batch8 --formats q4 --repeat 3   # medians
     python benchmarks/bench_cpu_decode.py gemv                  # the weight-only GEMV kernels against F.linear
     python benchmarks/bench_cpu_decode.py gemv --rows 256       # the same products for a 256-row prefill chunk
     python benchmarks/bench_cpu_decode.py adapter               # the LoRA adapter's share of a decode step
+    python benchmarks/bench_cpu_decode.py approx --contexts 256 2048   # the approximate path's parts, interleaved
 
 Not run in CI; time it on an otherwise idle machine.  Every configuration runs in a fresh process (the parent
 only spawns them and collects one JSON line from each), with the same thread count (--threads, default 2), the
@@ -147,15 +149,21 @@ def run_hmt(system: str, context: int, new_tokens: int, threads: int, fmt: str, 
     model = _hmt_model(system, fmt, checkpoint)
     prompt = torch.tensor(corpus_ids(context))
     list(generate(model, prompt[:64], max_new_tokens=4, stream=True))  # warm-up
-    start = time.perf_counter()
-    tokens, stamps = _stamps_from_stream(generate(model, prompt, max_new_tokens=new_tokens, stream=True,
-                                                  eos_token_id=[]))
-    out = _speeds(len(prompt), start, stamps)
+    out = _generate_speeds(model, prompt, new_tokens)
     from hmt_runtime.incremental.scheduler import Scheduler
 
     out["engine"] = Scheduler(model, rows=1).engine.name
-    out["tokens"] = tokens
     return out
+
+
+def _generate_speeds(model, prompt, new_tokens: int) -> dict:
+    """Ingest and decode speed of one streamed ``generate`` call (greedy, no end-of-text stop)."""
+    from hmt_runtime import generate
+
+    start = time.perf_counter()
+    tokens, stamps = _stamps_from_stream(generate(model, prompt, max_new_tokens=new_tokens, stream=True,
+                                                  eos_token_id=[]))
+    return {**_speeds(len(prompt), start, stamps), "tokens": tokens}
 
 
 def run_hmt_batched(context: int, new_tokens: int, threads: int, fmt: str, checkpoint: str = "default") -> dict:
@@ -172,9 +180,20 @@ def run_hmt_batched(context: int, new_tokens: int, threads: int, fmt: str, check
         for r in range(BATCH_ROWS):
             warm.add(ids[r, :32])
         warm.step()
-        sched = Scheduler(model, rows=BATCH_ROWS)
+    return _batched_speeds(model, ids, new_tokens)
+
+
+def _batched_speeds(model, ids, new_tokens: int) -> dict:
+    """The rows of ``ids`` (rows, context) read and decoded together by one scheduler (greedy)."""
+    import torch
+
+    from hmt_runtime.incremental.scheduler import Scheduler
+
+    rows_n, context = ids.shape
+    with torch.no_grad():
+        sched = Scheduler(model, rows=rows_n)
         start = time.perf_counter()
-        rows = [sched.add(ids[r]) for r in range(BATCH_ROWS)]
+        rows = [sched.add(ids[r]) for r in range(rows_n)]
         ingest_s = time.perf_counter() - start
         tokens = [[] for _ in rows]
         stamps = []
@@ -185,9 +204,9 @@ def run_hmt_batched(context: int, new_tokens: int, threads: int, fmt: str, check
                 sched.tokens[row] = token
             sched.step()
             stamps.append(time.perf_counter())
-    decode = BATCH_ROWS * (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    return {"ingest_tok_s": BATCH_ROWS * context / ingest_s, "decode_tok_s": decode, "ingest_s": ingest_s,
-            "new_tokens": new_tokens, "rows": BATCH_ROWS, "engine": sched.engine.name, "tokens": tokens[0]}
+    decode = rows_n * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return {"ingest_tok_s": rows_n * context / ingest_s, "decode_tok_s": decode, "ingest_s": ingest_s,
+            "new_tokens": new_tokens, "rows": rows_n, "engine": sched.engine.name, "tokens": tokens[0]}
 
 
 def run_transformers(context: int, new_tokens: int, threads: int, fmt: str) -> dict:
@@ -258,10 +277,13 @@ def spawn(spec: dict, timeout: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ GEMV
-def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int = 50, m: int = 1) -> list[dict]:
+def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8", "q4:i8", "q8:i8"), reps: int = 50,
+         m: int = 1) -> list[dict]:
     """M = m products at SmolLM2-135M's shapes (1: decode; 256: a prefill chunk, where the ops dequantize panels
     of weight rows for torch's GEMM): ms per call and GB/s of weight storage read, per kernel build, against
-    F.linear over fp32 and bf16 weights; plus the whole model's chain (every matrix one decode step reads)."""
+    F.linear over fp32 and bf16 weights; plus the whole model's chain (every matrix one decode step reads).
+    "q4:i8" / "q8:i8": the same blocks on the approximate path (integer dots below 4 rows, bfloat16 products
+    from 4 rows where the CPU has them)."""
     import torch
     import torch.nn.functional as F
 
@@ -289,7 +311,8 @@ def gemv(threads: int, formats=("fp32", "bf16", "int8", "q4", "q8"), reps: int =
         cases = [("F.linear fp32", None, weight.nbytes, lambda: F.linear(x, weight)),
                  ("F.linear bf16", None, wb.nbytes, lambda: F.linear(xb, wb))]
         for fmt in formats:
-            layer = quant.from_weight(weight, fmt)
+            layer = quant.from_weight(weight, fmt.split(":")[0])
+            quant.set_int_dot(layer, fmt.endswith(":i8"))
             for isa in quant.isas():
                 cases.append((f"hmt {fmt} {isa}", isa, layer.nbytes(), lambda layer=layer: layer(x)))
         baseline = None
@@ -365,6 +388,64 @@ def adapter_share(threads: int, context: int, reps: int = 15, calls: int = 20) -
                                       "float32": 100 * (ms["adapter float32"] - ms["no adapter"]) / step}}
 
 
+APPROX_VARIANTS = {  # name: (integer dots, environment): what the approximate path is made of, one part at a time
+    "exact": (False, {"HMT_KV_CACHE": "fp32", "HMT_BF16_GEMM": "0"}),
+    "int dots": (True, {"HMT_KV_CACHE": "fp32", "HMT_BF16_GEMM": "0"}),
+    "+ bf16 KV": (True, {"HMT_KV_CACHE": "auto", "HMT_BF16_GEMM": "0"}),
+    "+ bf16 products (default)": (True, {"HMT_KV_CACHE": "auto", "HMT_BF16_GEMM": "1"}),
+}
+
+
+def approx_parts(threads: int, contexts, new_tokens: int, rounds: int, batch_context: int) -> dict:
+    """The shipped default in q4, the approximate path's parts switched on one at a time (APPROX_VARIANTS),
+    interleaved in one process for ``rounds`` rounds: one row's ingest and decode per context, and
+    BATCH_ROWS rows decoded together after ``batch_context`` tokens each (0: skip).  Medians of the rounds."""
+    import statistics
+
+    import torch
+
+    from hmt_runtime import HMTModel
+    from hmt_runtime.native import quant
+
+    torch.set_num_threads(threads)
+    model = HMTModel.from_pretrained("default", weights="q4")
+    prompts = {c: torch.tensor(corpus_ids(c)) for c in contexts}
+    batch = (torch.tensor(corpus_ids(batch_context * BATCH_ROWS)).reshape(BATCH_ROWS, batch_context)
+             if batch_context else None)
+    saved = {key: os.environ.get(key) for key in ("HMT_KV_CACHE", "HMT_BF16_GEMM")}
+    runs: dict = {}
+    try:
+        for name, (int_dot, env) in APPROX_VARIANTS.items():  # warm-up: each variant once, short
+            quant.set_int_dot(model, int_dot)
+            os.environ.update(env)
+            _generate_speeds(model, prompts[contexts[0]][:64], 4)
+        for _ in range(rounds):
+            for name, (int_dot, env) in APPROX_VARIANTS.items():
+                quant.set_int_dot(model, int_dot)
+                os.environ.update(env)
+                for c in contexts:
+                    runs.setdefault((name, f"one row, {c}"), []).append(_generate_speeds(model, prompts[c], new_tokens))
+                if batch is not None:
+                    runs.setdefault((name, f"{BATCH_ROWS} rows, {batch_context}"), []).append(
+                        _batched_speeds(model, batch, new_tokens))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        quant.set_int_dot(model, True)
+    table = {}
+    for (name, where), results in runs.items():
+        table.setdefault(name, {})[where] = {
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in results),
+            "ingest_tok_s": statistics.median(r["ingest_tok_s"] for r in results),
+            "decode_all": [round(r["decode_tok_s"], 1) for r in results],
+            "ingest_all": [round(r["ingest_tok_s"], 1) for r in results]}
+    return {"machine": machine()["cpu"], "threads": threads, "rounds": rounds, "new_tokens": new_tokens,
+            "variants": {n: {"int_dot": d, **e} for n, (d, e) in APPROX_VARIANTS.items()}, "results": table}
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def machine() -> dict:
     import torch
@@ -385,6 +466,22 @@ def machine() -> dict:
     except ImportError as err:
         info["native"] = str(err)
     return info
+
+
+def median_of(rounds: list[dict]) -> dict:
+    """One cell from its rounds: the median decode and ingest speeds (each round's kept under "rounds"), the
+    highest peak RSS; a cell any round of which failed reports that round."""
+    import statistics
+
+    failed = [r for r in rounds if "decode_tok_s" not in r]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    out = dict(rounds[0])
+    for field in ("decode_tok_s", "ingest_tok_s"):
+        out[field] = statistics.median(r[field] for r in rounds)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    out["rounds"] = [{k: v for k, v in r.items() if k != "tokens"} for r in rounds]
+    return out
 
 
 def markdown(results: list[dict], contexts) -> str:
@@ -414,7 +511,8 @@ def markdown(results: list[dict], contexts) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", default="decode", choices=("decode", "gemv", "adapter", "worker"))
+    parser.add_argument("mode", nargs="?", default="decode", choices=("decode", "gemv", "adapter", "approx",
+                                                                    "worker"))
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
@@ -423,6 +521,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="default", help="the HMT checkpoint of the hmt system (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=1, help="gemv mode: rows of x (1: decode, 256: prefill)")
+    parser.add_argument("--rounds", type=int, default=3, help="approx mode: interleaved rounds")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="decode mode: rounds over every configuration (fresh processes; the table shows medians)")
+    parser.add_argument("--batch-context", type=int, default=256,
+                        help=f"approx mode: tokens per row before {BATCH_ROWS} rows decode together (0: skip)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "cpu_decode")
     args = parser.parse_args(argv)
@@ -434,6 +537,11 @@ def main(argv=None) -> None:
         for context in args.contexts:
             print(json.dumps({"machine": machine()["cpu"], "threads": args.threads,
                               **adapter_share(args.threads, context)}), flush=True)
+        return
+    if args.mode == "approx":
+        out = approx_parts(args.threads, args.contexts, args.new_tokens, args.rounds, args.batch_context)
+        print(json.dumps(out, indent=1))
+        args.out.with_name(args.out.name + "_approx.json").write_text(json.dumps(out, indent=1))
         return
     if args.mode == "gemv":
         rows = gemv(args.threads, m=args.rows, reps=max(2, 50 // args.rows))
@@ -451,20 +559,22 @@ def main(argv=None) -> None:
         llama_missing = None
     except ImportError as err:
         llama_missing = f"llama-cpp-python is not installed ({err}); `pip install llama-cpp-python` to include it"
-    results = []
-    for system in args.systems:
-        formats = ["q4 (gguf)"] if system == "llama.cpp" else (["fp32"] if system == "transformers" else args.formats)
-        for fmt in formats:
-            for context in args.contexts:
-                spec = {"system": system, "format": fmt.split()[0], "context": context,
-                        "new_tokens": args.new_tokens, "threads": args.threads, "model": args.model}
-                if system == "llama.cpp" and llama_missing:
-                    result = {"skipped": llama_missing}
-                else:
-                    result = spawn(spec, args.timeout)
-                result.update(system=system, format=fmt, context=context)
-                print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
-                results.append(result)
+    runs: dict = {}
+    for _ in range(args.repeat):  # rounds over every configuration: ratios within a round, medians across
+        for system in args.systems:
+            formats = ["q4 (gguf)"] if system == "llama.cpp" else (["fp32"] if system == "transformers" else args.formats)
+            for fmt in formats:
+                for context in args.contexts:
+                    spec = {"system": system, "format": fmt.split()[0], "context": context,
+                            "new_tokens": args.new_tokens, "threads": args.threads, "model": args.model}
+                    if system == "llama.cpp" and llama_missing:
+                        result = {"skipped": llama_missing}
+                    else:
+                        result = spawn(spec, args.timeout)
+                    result.update(system=system, format=fmt, context=context)
+                    print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
+                    runs.setdefault((system, fmt, context), []).append(result)
+    results = [median_of(rounds) for rounds in runs.values()]
     table = markdown(results, args.contexts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
