@@ -134,6 +134,18 @@ HMT_K_INLINE vu32 widen_u16(const uint8_t* p) {
 #endif
 }
 
+// Rows of a blocked weight are a few hundred bytes: streams too short for the hardware prefetcher to ramp up on,
+// so a tile over rows n0 .. n0 + NR prefetches the next tile's rows (contiguous: NR * row_bytes from row n0 + NR),
+// a share of its cache lines at each of its `steps` steps (measured on the Q8_0 LM head at one row of x: 2.5x).
+// Past the end of W the hint is harmless (prefetches do not fault).
+HMT_K_INLINE void prefetch_next_tile(const uint8_t* w, int64_t row_bytes, int64_t n0, int nr, int64_t step,
+                                     int64_t steps) {
+  const uint8_t* ahead = w + (n0 + nr) * row_bytes;
+  const int64_t lines = (nr * row_bytes + 63) / 64, per_step = (lines + steps - 1) / steps;
+  for (int64_t l = step * per_step; l < (step + 1) * per_step && l < lines; ++l)
+    __builtin_prefetch(ahead + l * 64, 0, 3);
+}
+
 // ---- formats: dense ones give vector `load(row, k)` (elements k .. k + W) and scalar `at(row, k)` -----------
 
 struct F32 {
@@ -230,6 +242,7 @@ HMT_K_INLINE void tile(const LinearArgs& a, int64_t i0, int64_t n0) {
   if constexpr (F::kBlocked) {
     const int64_t full = K / 32;
     for (int64_t b = 0; b < full; ++b) {
+      prefetch_next_tile(a.w, a.row_bytes, n0, NR, b, full);
       const uint8_t* blocks[NR];
       vf d[NR], m[NR];
       for (int r = 0; r < NR; ++r) {
@@ -429,6 +442,7 @@ HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
+    prefetch_next_tile(a.w, a.row_bytes, n0, NR, b, blocks);
     __m256i w[NR];
     float dw[NR], mw[NR];
     for (int r = 0; r < NR; ++r) {
@@ -450,6 +464,7 @@ HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
 #else
   float acc[MR][NR] = {};
   for (int64_t b = 0; b < blocks; ++b) {
+    prefetch_next_tile(a.w, a.row_bytes, n0, NR, b, blocks);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* block = rows[r] + b * F::kBlockBytes;
       const float dw = read_half(block), mw = F::kMin ? read_half(block + 2) : 0.0f;
@@ -618,6 +633,7 @@ HMT_BF16_TARGET HMT_K_INLINE void bf16_tile(const Bf16Args& a, int64_t i0, int64
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
+    prefetch_next_tile(a.w, a.row_bytes, n0, NR, b, blocks);
     __m512bh w[NR];
     for (int r = 0; r < NR; ++r) w[r] = block_bf16<Q4>(a.w + (n0 + r) * a.row_bytes + b * kBytes);
     for (int i = 0; i < MR; ++i) {
