@@ -213,10 +213,8 @@ void dequantize_rows(const PackedLinear& p, int64_t n0, int64_t n1, float* out) 
   });
 }
 
-// Many rows of x (prefill): the weight rows dequantized a panel at a time (about 2 MB of float32, so the
-// panel stays in cache) and multiplied by torch's float32 GEMM, which reuses each weight many times where the
-// weight-only kernels re-decode it per tile of x.  Same float32 products, another summation order.
-// Whether the integer-dot formats (":i8", the approximate path) run prefill panels as bfloat16 GEMMs: as
+// Whether the integer-dot formats (":i8", the approximate path) take bfloat16 products from kDotRows rows of x on
+// (the bfloat16 tiles below kGemmRows, where the build has them; bfloat16 GEMM panels from it): as
 // hmt_runtime.native.quant.bf16_gemm() decides for bf16 weights, HMT_BF16_GEMM=0|1 (read on every call, so it can
 // change at run time), else whether the CPU has bfloat16 dot products (AVX512-BF16; CPUs with AMX have it too).
 bool bf16_panels() {
@@ -230,6 +228,9 @@ bool bf16_panels() {
 #endif
 }
 
+// Many rows of x (prefill): the weight rows dequantized a panel at a time (about 2 MB of float32, so the
+// panel stays in cache) and multiplied by torch's float32 GEMM, which reuses each weight many times where the
+// weight-only kernels re-decode it per tile of x.  Same float32 products, another summation order.
 void linear_gemm(const PackedLinear& p, const at::Tensor& x2, const at::Tensor& y2) {
   const int64_t panel = std::max<int64_t>(64, ((int64_t{1} << 19) / p.k) / 16 * 16);
   at::Tensor w = at::empty({std::min(panel, p.n), p.k}, x2.options());

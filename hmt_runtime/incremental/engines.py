@@ -320,9 +320,9 @@ class LlamaEngine(Engine):
                  kv_dtype: torch.dtype | None = None):
         """fused_decode: run ``decode`` as one native op (``torch.ops.hmt.decode_step``; float32 activations on
         CPU, the native extension loaded); ``hmt_runtime.incremental.backend`` decides.  kv_dtype: the KV
-        cache's storage type (default: the backbone's); another one than the backbone's needs the backend's
-        fused attention, which appends in the cache's type and reads it widened (float32 activations with a
-        bfloat16 cache: half the bytes per position read by every decode step)."""
+        cache's storage type (default: the backbone's); another one than the backbone's needs the native
+        attention, which appends in the cache's type and reads it widened (float32 activations with a bfloat16
+        cache: half the bytes per position read by every decode step)."""
         inner = backbones.unwrap(backbone)
         body = backbones.decoder_body(backbone)
         config = inner.config
@@ -351,9 +351,10 @@ class LlamaEngine(Engine):
         self.cos, self.sin = self.rope(torch.arange(window, device=self.device))  # (W, D): one segment's positions
         self.fused = ops.attention_with_kvcache if ops is not None and ops.name != "torch" else None
         kv_dtype = self.dtype if kv_dtype is None else kv_dtype
-        if kv_dtype != self.dtype and self.fused is None:
+        if kv_dtype != self.dtype and (ops is None or ops.name != "native"):
             raise ValueError(f"kv_dtype={kv_dtype}: a KV cache in another type than the backbone's "
-                             f"({self.dtype}) needs the native or Triton attention, got the torch ops")
+                             f"({self.dtype}) needs the native attention, got the "
+                             f"{'torch' if ops is None else ops.name} ops")
         self.kv = StaticKV(self.n_layers, kv_rows, window, self.device, kv_dtype, (self.kv_heads, self.head_dim))
         self.positions = torch.arange(window, device=self.device)  # (W,)
         self.row_index = torch.arange(kv_rows, device=self.device)  # (rows,)
