@@ -414,15 +414,18 @@ def approx_parts(threads: int, contexts, new_tokens: int, rounds: int, batch_con
              if batch_context else None)
     saved = {key: os.environ.get(key) for key in ("HMT_KV_CACHE", "HMT_BF16_GEMM")}
     runs: dict = {}
+
+    def use(int_dot: bool, env: dict) -> None:
+        quant.set_int_dot(model, int_dot)
+        os.environ.update(env)
+
     try:
-        for name, (int_dot, env) in APPROX_VARIANTS.items():  # warm-up: each variant once, short
-            quant.set_int_dot(model, int_dot)
-            os.environ.update(env)
+        for name, variant in APPROX_VARIANTS.items():  # warm-up: each variant once, short
+            use(*variant)
             _generate_speeds(model, prompts[contexts[0]][:64], 4)
         for _ in range(rounds):
-            for name, (int_dot, env) in APPROX_VARIANTS.items():
-                quant.set_int_dot(model, int_dot)
-                os.environ.update(env)
+            for name, variant in APPROX_VARIANTS.items():
+                use(*variant)
                 for c in contexts:
                     runs.setdefault((name, f"one row, {c}"), []).append(_generate_speeds(model, prompts[c], new_tokens))
                 if batch is not None:

@@ -130,7 +130,7 @@ int64_t block_count(int64_t k) { return (k + 31) / 32; }
 // kernels (decode, short chunks).
 constexpr int64_t kGemmRows = 32;
 // Integer dot products ("...:i8" formats) for fewer than this many rows of x; from it on, the bfloat16 products
-// where the CPU has them (bf16_panels: AVX512-BF16, HMT_BF16_GEMM), else the float32 kernels, which dequantize
+// where the CPU has them (bf16_products: AVX512-BF16, HMT_BF16_GEMM), else the float32 kernels, which dequantize
 // each weight vector once for a tile of rows.
 constexpr int64_t kDotRows = 4;
 
@@ -217,7 +217,7 @@ void dequantize_rows(const PackedLinear& p, int64_t n0, int64_t n1, float* out) 
 // (the bfloat16 tiles below kGemmRows, where the build has them; bfloat16 GEMM panels from it): as
 // hmt_runtime.native.quant.bf16_gemm() decides for bf16 weights, HMT_BF16_GEMM=0|1 (read on every call, so it can
 // change at run time), else whether the CPU has bfloat16 dot products (AVX512-BF16; CPUs with AMX have it too).
-bool bf16_panels() {
+bool bf16_products() {
   const char* env = std::getenv("HMT_BF16_GEMM");
   if (env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0)) return env[0] == '1';
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -236,7 +236,7 @@ void linear_gemm(const PackedLinear& p, const at::Tensor& x2, const at::Tensor& 
   at::Tensor w = at::empty({std::min(panel, p.n), p.k}, x2.options());
   // The approximate path: x and each dequantized panel rounded to bfloat16, torch's bfloat16 GEMM (float32
   // accumulation, outputs rounded to bfloat16), ~2x the float32 GEMM where the CPU has bfloat16 dot products.
-  const bool bf16 = p.int_dot && bf16_panels();
+  const bool bf16 = p.int_dot && bf16_products();
   const at::Tensor xb = bf16 ? x2.to(at::kBFloat16) : at::Tensor();
   at::Tensor wb = bf16 ? at::empty_like(w, w.options().dtype(at::kBFloat16)) : at::Tensor();
   for (int64_t n0 = 0; n0 < p.n; n0 += panel) {
@@ -402,7 +402,7 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
   // From kDotRows rows on, the same layers take bfloat16 products where the CPU has them (linear_isa.h,
   // Bf16Args): x rounded to bfloat16 once, here.
   thread_local std::vector<uint16_t> xb;
-  const bool bf16_tiles = m >= kDotRows && build.bf16_supported() && bf16_panels();
+  const bool bf16_tiles = m >= kDotRows && build.bf16_supported() && bf16_products();
   bool rounded = false;
   const auto round_once = [&] {
     if (rounded) return;

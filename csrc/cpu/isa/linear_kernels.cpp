@@ -603,12 +603,13 @@ void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* ti
 
 namespace {
 
-// One block of 32 weights as 32 bfloat16 (element j of the block in lane j).
-template <bool Q4>
+// One block of 32 weights of format F (DotQ4_1 / DotQ8_0: the block layouts of the integer dots) as 32
+// bfloat16 (element j of the block in lane j).
+template <class F>
 HMT_BF16_TARGET HMT_K_INLINE __m512bh block_bf16(const uint8_t* block) {
   const __m512 d = _mm512_set1_ps(read_half(block));
   __m512 lo, hi;
-  if constexpr (Q4) {
+  if constexpr (F::kMin) {  // Q4_1
     const __m512 m = _mm512_set1_ps(read_half(block + 2));
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -625,9 +626,8 @@ HMT_BF16_TARGET HMT_K_INLINE __m512bh block_bf16(const uint8_t* block) {
 
 // Rows i0 .. i0 + MR of x against rows n0 .. n0 + NR of W.  A partial last block is read whole: its weights past
 // K are finite and meet x's zeros.
-template <int MR, int NR, bool Q4>
+template <class F, int MR, int NR>
 HMT_BF16_TARGET HMT_K_INLINE void bf16_tile(const Bf16Args& a, int64_t i0, int64_t n0) {
-  constexpr int64_t kBytes = Q4 ? 20 : 34;
   const int64_t blocks = (a.k + 31) / 32;
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -635,7 +635,7 @@ HMT_BF16_TARGET HMT_K_INLINE void bf16_tile(const Bf16Args& a, int64_t i0, int64
   for (int64_t b = 0; b < blocks; ++b) {
     prefetch_next_tile(a.w, a.row_bytes, n0, NR, b, blocks);
     __m512bh w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = block_bf16<Q4>(a.w + (n0 + r) * a.row_bytes + b * kBytes);
+    for (int r = 0; r < NR; ++r) w[r] = block_bf16<F>(a.w + (n0 + r) * a.row_bytes + b * F::kBlockBytes);
     for (int i = 0; i < MR; ++i) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(a.xb + (i0 + i) * a.ldxb + b * 32);
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], w[r], xv);
@@ -649,28 +649,28 @@ HMT_BF16_TARGET HMT_K_INLINE void bf16_tile(const Bf16Args& a, int64_t i0, int64
     }
 }
 
-template <int MR, int NR, bool Q4>
+template <class F, int MR, int NR>
 HMT_BF16_TARGET void bf16_column(const Bf16Args& a, int64_t i0, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) bf16_tile<MR, NR, Q4>(a, i0, n);
-  for (; n < n1; ++n) bf16_tile<MR, 1, Q4>(a, i0, n);
+  for (; n + NR <= n1; n += NR) bf16_tile<F, MR, NR>(a, i0, n);
+  for (; n < n1; ++n) bf16_tile<F, MR, 1>(a, i0, n);
 }
 
 // 8 rows of x at a time (16 accumulators, 2 weight blocks: each block decoded once for 8 rows), then 4, 2, 1.
-template <bool Q4>
+template <class F>
 HMT_BF16_TARGET void bf16_run(const Bf16Args& a, int64_t n0, int64_t n1) {
   int64_t i = 0;
-  for (; i + 8 <= a.m; i += 8) bf16_column<8, 2, Q4>(a, i, n0, n1);
-  if (i + 4 <= a.m) bf16_column<4, 4, Q4>(a, i, n0, n1), i += 4;
-  if (i + 2 <= a.m) bf16_column<2, 4, Q4>(a, i, n0, n1), i += 2;
-  if (i < a.m) bf16_column<1, 4, Q4>(a, i, n0, n1);
+  for (; i + 8 <= a.m; i += 8) bf16_column<F, 8, 2>(a, i, n0, n1);
+  if (i + 4 <= a.m) bf16_column<F, 4, 4>(a, i, n0, n1), i += 4;
+  if (i + 2 <= a.m) bf16_column<F, 2, 4>(a, i, n0, n1), i += 2;
+  if (i < a.m) bf16_column<F, 1, 4>(a, i, n0, n1);
 }
 
 }  // namespace
 
 void bf16_rows(const Bf16Args& args, int64_t n0, int64_t n1) {
-  if (args.format == WeightFormat::kQ4_1) return bf16_run<true>(args, n0, n1);
-  if (args.format == WeightFormat::kQ8_0) return bf16_run<false>(args, n0, n1);
+  if (args.format == WeightFormat::kQ4_1) return bf16_run<DotQ4_1>(args, n0, n1);
+  if (args.format == WeightFormat::kQ8_0) return bf16_run<DotQ8_0>(args, n0, n1);
 }
 
 bool bf16_rows_supported() { return __builtin_cpu_supports("avx512bf16"); }
