@@ -98,11 +98,11 @@ def _quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def test_integer_dot_products_against_float64(fmt, isa, fresh_seed, threads, monkeypatch):
     """The ":i8" formats (x quantized to int8 per block of 32, integer dot products): equal to the float64
     product of the quantized x within the float32 summation bound, and to the float64 product of x itself within
-    the quantization bound sum |w| d / 2; odd K (partial last blocks), N beyond a thread's rows, M below and at
-    the 4-row switch to the float32 kernels."""
+    the quantization bound sum |w| d / 2; odd K (partial last blocks), N beyond a thread's rows, M below, at and
+    past the 4-row switch to the bfloat16 products (off here: without them the integer dots run up to 31 rows)."""
     if isa not in _isas():
         pytest.skip(f"this CPU or build has no {isa} kernels (has {_isas()})")
-    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # from 4 rows the float32 kernels (the bfloat16 products: below)
+    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # no bfloat16 products from 4 rows (they are tested below)
     g = torch.Generator().manual_seed(fresh_seed)
     threads(2)
     with quant.use_isa(isa):
@@ -114,16 +114,13 @@ def test_integer_dot_products_against_float64(fmt, isa, fresh_seed, threads, mon
                 layer = quant.from_weight(weight, fmt, bias)
                 assert quant.set_int_dot(layer, True) == 1 and layer.kernel_format.endswith(":i8")
                 w64 = layer.dequantize().double()
-                for m in (1, 2, 3, 4):
+                for m in (1, 2, 3, 4, 6, 9):
                     x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4
                     x[:, k // 3] = 0.0  # a zero element; and a row of zeros (a block with amax 0)
                     if m == 3:
                         x[1] = 0.0
                     y = layer(x)
                     what = f"{fmt}:i8/{isa} M={m} N={n} K={k}"
-                    if m >= 4:  # the float32 kernels from 4 rows on
-                        assert torch.equal(y, exact(x)), what
-                        continue
                     x_hat, d = _quantized_activations(x)
                     ref = x_hat @ w64.T + (0 if bias is None else bias.double())
                     magnitude = x_hat.abs() @ w64.abs().T + (0 if bias is None else bias.double().abs())
@@ -161,7 +158,8 @@ def test_kernel_threads_and_row_blocks(fmt, fresh_seed, threads, monkeypatch):
 def test_prefill_gemm_path_against_float64(fmt, fresh_seed, threads, monkeypatch):
     """From 32 rows of x on, the ops dequantize panels of weight rows and use torch's GEMM: several panels
     (K = 1500: panels of 336 rows, a partial last block of 28 elements), a last partial panel, int8 scales and
-    bias applied per panel, the row-count threshold from both sides, and linear_out into a column slice."""
+    bias applied per panel, the row-count threshold from both sides, linear_out into a column slice, and the same
+    panels from every instruction-set build."""
     monkeypatch.setenv("HMT_BF16_GEMM", "0")
     g = torch.Generator().manual_seed(fresh_seed)
     n, k = 700, 1500
@@ -179,6 +177,11 @@ def test_prefill_gemm_path_against_float64(fmt, fresh_seed, threads, monkeypatch
         assert buffer[:, :7].isnan().all() and buffer[:, 7 + n:].isnan().all()
     x3 = torch.randn(2, 20, k, generator=g)  # leading dimensions flatten to 40 rows
     _check_close(layer(x3).reshape(40, n), x3.reshape(40, k), w64, layer.bias, fresh_seed, f"{fmt} gemm 3-D")
+    outs = []
+    for isa in quant.isas():  # every build dequantizes the panels (Q4_1 / Q8_0 vectorised per build) alike
+        with quant.use_isa(isa):
+            outs.append(layer(x3))
+    assert all(torch.equal(outs[0], y) for y in outs[1:]), f"{fmt}: the builds' panels differ"
 
 
 @needs_native
@@ -215,7 +218,8 @@ def test_integer_dot_formats_take_bfloat16_products_from_4_rows(fmt, fresh_seed,
     dequantized panels, with HMT_BF16_GEMM=1 (the default on such CPUs): x, the weights (and the GEMM's outputs)
     rounded to bfloat16 (2^-9 relative each), float32 accumulation, bias in float32; several panels, a partial
     last block (K = 1500), a partial last panel, odd row counts, two threads, a column slice through linear_out.
-    Without the tiles (other CPUs) and with HMT_BF16_GEMM=0 it equals the float32-exact layer."""
+    Without the tiles (other CPUs) and with HMT_BF16_GEMM=0, 4-31 rows keep the integer dots (each row exactly
+    what it gets alone) and the panels are float32 (equal to the float32-exact layer)."""
     from hmt_runtime.native import kernels as native
 
     g = torch.Generator().manual_seed(fresh_seed)
@@ -226,15 +230,16 @@ def test_integer_dot_formats_take_bfloat16_products_from_4_rows(fmt, fresh_seed,
     w64 = layer.dequantize().double()
     tiles = native.build_info()["linear_bf16"]
     threads(2)
-    for m in (4, 5, 8, 13, 31, 32, 45):
+    for m in (4, 5, 6, 8, 13, 31, 32, 45):
         x = torch.randn(m, k, generator=g)
         monkeypatch.setenv("HMT_BF16_GEMM", "1")
         y = layer(x)
         buffer = torch.full((m, n + 9), float("nan"))
         torch.ops.hmt.linear_out(x, layer.qweight, None, layer.bias, layer.kernel_format, buffer[:, 4:4 + n])
         assert torch.equal(buffer[:, 4:4 + n], y) and buffer[:, :4].isnan().all() and buffer[:, 4 + n:].isnan().all()
+        one_by_one = torch.cat([layer(x[i:i + 1]) for i in range(m)])
         if m < 32 and not tiles:
-            assert torch.equal(y, exact(x)), f"{fmt} M={m}"
+            assert torch.equal(y, one_by_one), f"{fmt} M={m}"
             continue
         magnitude = x.double().abs() @ w64.abs().T
         err = (y.double() - (x.double() @ w64.T + bias.double())).abs()
@@ -242,7 +247,7 @@ def test_integer_dot_formats_take_bfloat16_products_from_4_rows(fmt, fresh_seed,
         assert (err <= bound).all(), f"{fmt} M={m} (seed {fresh_seed}): {(err / bound).max():.2f}x the bound"
         assert not torch.equal(y, exact(x)), f"{fmt} M={m}: the bfloat16 products were not taken"
         monkeypatch.setenv("HMT_BF16_GEMM", "0")
-        assert torch.equal(layer(x), exact(x)), f"{fmt} M={m} with HMT_BF16_GEMM=0"
+        assert torch.equal(layer(x), one_by_one if m < 32 else exact(x)), f"{fmt} M={m} with HMT_BF16_GEMM=0"
 
 
 @needs_native
@@ -356,7 +361,7 @@ def _dequantized_reference(model: nn.Module, quantized: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "q4"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_llama_end_to_end(fmt, tied, monkeypatch):
-    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # float32 products against the dequantized reference
+    monkeypatch.setenv("HMT_INT_DOT", "0")  # float32 products against the dequantized reference
     model = _tiny_llama(tied)
     quantized = copy.deepcopy(model)
     report = quant.quantize_model(quantized, fmt)
@@ -390,7 +395,7 @@ def test_lora_stays_beside_the_quantized_base(tmp_path, fmt, monkeypatch):
     the dequantized weights."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    monkeypatch.setenv("HMT_BF16_GEMM", "0")  # the float32 kernels beside the integer dots (compared exactly)
+    monkeypatch.setenv("HMT_INT_DOT", "0")  # the float32-exact kernels (compared closely)
 
     model = _tiny_llama(tied=True)
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))

@@ -23,6 +23,7 @@ using DotFn = void (*)(const DotArgs&, int64_t, int64_t);
 using QuantizeFn = void (*)(const float*, int64_t, int64_t, int64_t, int8_t*, int64_t, float*, float*);
 using LowRankFn = void (*)(float*, int64_t, const float*, int64_t, const void*, bool);
 using Bf16Fn = void (*)(const Bf16Args&, int64_t, int64_t);
+using DequantizeFn = void (*)(WeightFormat, const uint8_t*, int64_t, int64_t, int64_t, int64_t, float*);
 
 struct IsaBuild {
   const char* name;
@@ -33,6 +34,7 @@ struct IsaBuild {
   bool (*supported)();
   Bf16Fn bf16;
   bool (*bf16_supported)();
+  DequantizeFn dequantize;
 };
 
 bool cpu_has_avx512() {
@@ -61,14 +63,17 @@ const std::vector<IsaBuild>& builds() {
   static const std::vector<IsaBuild> list = {
 #ifdef HMT_LINEAR_AVX512
       {"avx512", &avx512::linear_rows, &avx512::dot_rows, &avx512::quantize_x, &avx512::add_low_rank,
-       &cpu_has_avx512, &avx512::bf16_rows, &avx512::bf16_rows_supported},
+       &cpu_has_avx512, &avx512::bf16_rows, &avx512::bf16_rows_supported,
+       &avx512::dequantize_blocks},
 #endif
 #ifdef HMT_LINEAR_AVX2
       {"avx2", &avx2::linear_rows, &avx2::dot_rows, &avx2::quantize_x, &avx2::add_low_rank,
-       &cpu_has_avx2, &avx2::bf16_rows, &avx2::bf16_rows_supported},
+       &cpu_has_avx2, &avx2::bf16_rows, &avx2::bf16_rows_supported,
+       &avx2::dequantize_blocks},
 #endif
       {"scalar", &scalar::linear_rows, &scalar::dot_rows, &scalar::quantize_x, &scalar::add_low_rank,
-       &always, &scalar::bf16_rows, &scalar::bf16_rows_supported},
+       &always, &scalar::bf16_rows, &scalar::bf16_rows_supported,
+       &scalar::dequantize_blocks},
   };
   return list;
 }
@@ -130,8 +135,9 @@ int64_t block_count(int64_t k) { return (k + 31) / 32; }
 // kernels (decode, short chunks).
 constexpr int64_t kGemmRows = 32;
 // Integer dot products ("...:i8" formats) for fewer than this many rows of x; from it on, the bfloat16 products
-// where the CPU has them (bf16_products: AVX512-BF16, HMT_BF16_GEMM), else the float32 kernels, which dequantize
-// each weight vector once for a tile of rows.
+// where the CPU has them (bf16_products: AVX512-BF16, HMT_BF16_GEMM), else still the integer dots, which cost
+// about half the float32 kernels' instructions per product (a block's nibbles decoded once per tile of rows,
+// 32 products per byte-pair instruction where the float32 kernels convert and multiply 8 floats at a time).
 constexpr int64_t kDotRows = 4;
 
 const char* format_name(WeightFormat f) {
@@ -158,56 +164,27 @@ LinearArgs kernel_args(const PackedLinear& p, const float* x, int64_t ldx, int64
   return LinearArgs{p.format, p.w, p.row_bytes, p.scale, p.k, x, ldx, m, p.bias, y, ldy};
 }
 
-float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-}
-
 // Rows n0 .. n1 of W as float32 into out (n1 - n0, K), exactly as the kernels see them; int8 rows are the
 // integers themselves (the per-row scale multiplies the dot product, as in the kernels).
 void dequantize_rows(const PackedLinear& p, int64_t n0, int64_t n1, float* out) {
-  const int64_t k = p.k, blocks = block_count(k);
+  const int64_t k = p.k;
+  const IsaBuild& build = active();
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    if (p.format == WeightFormat::kQ4_1 || p.format == WeightFormat::kQ8_0) {  // the vectorised build's loop
+      build.dequantize(p.format, p.w, p.row_bytes, k, r0, r1, out + (r0 - n0) * k);
+      return;
+    }
     for (int64_t n = r0; n < r1; ++n) {
       const uint8_t* row = p.w + n * p.row_bytes;
       float* o = out + (n - n0) * k;
-      switch (p.format) {
-        case WeightFormat::kF32:
-          std::memcpy(o, row, k * sizeof(float));
-          break;
-        case WeightFormat::kBF16: {
-          const auto* b = reinterpret_cast<const c10::BFloat16*>(row);
-          for (int64_t i = 0; i < k; ++i) o[i] = static_cast<float>(b[i]);
-          break;
-        }
-        case WeightFormat::kI8: {
-          const auto* q = reinterpret_cast<const int8_t*>(row);
-          for (int64_t i = 0; i < k; ++i) o[i] = static_cast<float>(q[i]);
-          break;
-        }
-        case WeightFormat::kQ4_1:
-          for (int64_t b = 0; b < blocks; ++b) {
-            const uint8_t* blk = row + b * 20;
-            const float d = half_at(blk), m = half_at(blk + 2);
-            float v[32];
-            for (int j = 0; j < 16; ++j) {
-              v[j] = d * static_cast<float>(blk[4 + j] & 0x0F) + m;
-              v[j + 16] = d * static_cast<float>(blk[4 + j] >> 4) + m;
-            }
-            const int64_t take = std::min<int64_t>(32, k - b * 32);
-            std::memcpy(o + b * 32, v, take * sizeof(float));
-          }
-          break;
-        case WeightFormat::kQ8_0:
-          for (int64_t b = 0; b < blocks; ++b) {
-            const uint8_t* blk = row + b * 34;
-            const float d = half_at(blk);
-            const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
-            const int64_t take = std::min<int64_t>(32, k - b * 32);
-            for (int64_t j = 0; j < take; ++j) o[b * 32 + j] = d * static_cast<float>(q[j]);
-          }
-          break;
+      if (p.format == WeightFormat::kF32) {
+        std::memcpy(o, row, k * sizeof(float));
+      } else if (p.format == WeightFormat::kBF16) {
+        const auto* b = reinterpret_cast<const c10::BFloat16*>(row);
+        for (int64_t i = 0; i < k; ++i) o[i] = static_cast<float>(b[i]);
+      } else {  // kI8
+        const auto* q = reinterpret_cast<const int8_t*>(row);
+        for (int64_t i = 0; i < k; ++i) o[i] = static_cast<float>(q[i]);
       }
     }
   });
@@ -403,6 +380,7 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
   // Bf16Args): x rounded to bfloat16 once, here.
   thread_local std::vector<uint16_t> xb;
   const bool bf16_tiles = m >= kDotRows && build.bf16_supported() && bf16_products();
+  const auto takes_dots = [&](const PackedLinear& p) { return p.int_dot && !bf16_tiles; };
   bool rounded = false;
   const auto round_once = [&] {
     if (rounded) return;
@@ -414,7 +392,7 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
   for (int i = 0; i < count; ++i) {
     const PackedLinear& p = *ps[i];
     TORCH_CHECK(p.k == k, "linear_parallel_many: projections of one x must share K (", p.k, " != ", k, ")");
-    dot[i] = p.int_dot && m < kDotRows;
+    dot[i] = takes_dots(p);
     bf16[i] = p.int_dot && bf16_tiles;
     if (bf16[i]) {
       round_once();
@@ -435,7 +413,7 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
     if (lr == nullptr) continue;
     const PackedLinear& a = *lr->a;
     TORCH_CHECK(a.k == k && a.n == lr->r, "linear_parallel_many: LowRank A must be (r, K)");
-    if (a.int_dot && m < kDotRows) {
+    if (takes_dots(a)) {
       quantize_once();
       build.dot(DotArgs{a.format, a.w, a.row_bytes, k, qx.data(), ldq, dx.data(), sx.data(), m, nullptr, lr->s,
                         lr->r}, 0, a.n);

@@ -38,8 +38,8 @@ on such CPUs (``HMT_BF16_GEMM=0`` turns it off, ``=1`` forces it).  Without
 the extension, on another device, or for float64 inputs and inputs that record autograd, ``QuantLinear`` runs
 ``F.linear`` on the dequantized weight (correct, slower).
 
-Integer dot products (``QuantLinear.int_dot``, kernel formats ``q4_1:i8`` / ``q8_0:i8``): below 4 rows of x (decode),
-q4 and q8 layers can instead quantize x to int8 per block of 32 (d = max |x| / 127, q = round(x / d)) and take
+Integer dot products (``QuantLinear.int_dot``, kernel formats ``q4_1:i8`` / ``q8_0:i8``): below 32 rows of x (decode,
+batched decode; from 4 rows the bfloat16 products instead where the CPU has them), q4 and q8 layers can quantize x to int8 per block of 32 (d = max |x| / 127, q = round(x / d)) and take
 integer dot products against the blocks, as llama.cpp does: Q4_1 gives d_w d_x sum(q_w q_x) + m_w d_x sum(q_x),
 Q8_0 d_w d_x sum(q_w q_x), the integer sums exact, the block terms summed in float32 (AVX-512 VNNI, AVX2, portable
 builds).  The error is that of x's quantization, at most sum |w| d_x / 2 per output.  ``load_backbone`` turns
@@ -282,7 +282,7 @@ class QuantLinear(nn.Module):
     @property
     def kernel_format(self) -> str:
         """The format name of ``torch.ops.hmt.linear``: fp32, bf16, int8, q4_1 or q8_0, with ":i8" for a q4 / q8
-        layer with ``int_dot`` (x quantized to int8 per block of 32, integer dot products, below 4 rows of x)."""
+        layer with ``int_dot`` (x quantized to int8 per block of 32, integer dot products, below 32 rows of x)."""
         return _KERNEL_FORMAT[self.weight_format] + (":i8" if self.int_dot else "")
 
     def nbytes(self) -> int:

@@ -419,9 +419,22 @@ struct DotQ8_0 {
 
 #if HMT_VEC_FLOATS == 16
 constexpr int kDotNR = 4, kDotMR = 4;  // 32 ymm: 16 accumulators + 4 weight blocks + x
+constexpr int kWideDotNR = kDotNR, kWideDotMR = kDotMR;
 #else
 constexpr int kDotNR = 4, kDotMR = 2;  // 16 ymm: 8 accumulators + 4 weight blocks + x
+// from 4 rows of x (batched decode): 8 accumulators + 2 weight blocks + x, each block decoded once for 4 rows
+constexpr int kWideDotNR = 2, kWideDotMR = 4;
 #endif
+
+// a b + c, rounded once where the build has FMA whatever the compiler vectorises, so that every tile shape sums
+// a row's block terms alike (with contraction left to the compiler, one shape's got fused and another's not).
+HMT_K_INLINE float mul_add(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 template <class F, int MR, int NR>
 HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
@@ -457,7 +470,7 @@ HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
       for (int r = 0; r < NR; ++r) {
         const __m256 prod = _mm256_cvtepi32_ps(F::dot(w[r], xv));
         acc[i][r] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dw[r] * dxi), acc[i][r]);
-        if constexpr (F::kMin) mins[i][r] += mw[r] * sxi;
+        if constexpr (F::kMin) mins[i][r] = mul_add(mw[r], sxi, mins[i][r]);
       }
     }
   }
@@ -470,7 +483,7 @@ HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
       const float dw = read_half(block), mw = F::kMin ? read_half(block + 2) : 0.0f;
       for (int i = 0; i < MR; ++i) {
         acc[i][r] += static_cast<float>(F::dot_scalar(block, xs[i] + b * 32)) * (dw * dxs[i][b]);
-        if constexpr (F::kMin) mins[i][r] += mw * sxs[i][b];
+        if constexpr (F::kMin) mins[i][r] = mul_add(mw, sxs[i][b], mins[i][r]);
       }
     }
   }
@@ -489,27 +502,32 @@ HMT_K_INLINE void dot_tile(const DotArgs& a, int64_t i0, int64_t n0) {
   }
 }
 
-template <class F, int NR>
+template <class F, int MR, int NR>
 void dot_column(const DotArgs& a, int64_t m0, int64_t m1, int64_t n0) {
   int64_t i = m0;
-  for (; i + kDotMR <= m1; i += kDotMR) dot_tile<F, kDotMR, NR>(a, i, n0);
+  for (; i + MR <= m1; i += MR) dot_tile<F, MR, NR>(a, i, n0);
   const int64_t rest = m1 - i;
-  if constexpr (kDotMR > 3) {
+  if constexpr (MR > 3) {
     if (rest == 3) return dot_tile<F, 3, NR>(a, i, n0);
   }
-  if constexpr (kDotMR > 2) {
+  if constexpr (MR > 2) {
     if (rest == 2) return dot_tile<F, 2, NR>(a, i, n0);
   }
   if (rest == 1) dot_tile<F, 1, NR>(a, i, n0);
 }
 
+// Every tile shape sums each output's blocks in the same order, so a row of x gets the same y alone or batched.
 template <class F>
 void dot_run(const DotArgs& a, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < a.m; m0 += kRowBlock) {
     const int64_t m1 = m0 + kRowBlock < a.m ? m0 + kRowBlock : a.m;
     int64_t n = n0;
-    for (; n + kDotNR <= n1; n += kDotNR) dot_column<F, kDotNR>(a, m0, m1, n);
-    for (; n < n1; ++n) dot_column<F, 1>(a, m0, m1, n);
+    if (m1 - m0 >= kWideDotMR && kWideDotMR != kDotMR) {
+      for (; n + kWideDotNR <= n1; n += kWideDotNR) dot_column<F, kWideDotMR, kWideDotNR>(a, m0, m1, n);
+    } else {
+      for (; n + kDotNR <= n1; n += kDotNR) dot_column<F, kDotMR, kDotNR>(a, m0, m1, n);
+    }
+    for (; n < n1; ++n) dot_column<F, kDotMR, 1>(a, m0, m1, n);
   }
 }
 
@@ -567,6 +585,34 @@ void quantize_x(const float* x, int64_t ldx, int64_t m, int64_t k, int8_t* q, in
       s[i * blocks + b] = db * static_cast<float>(total);
     }
   }
+}
+
+namespace {
+template <class F>
+void dequantize_run(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t n0, int64_t n1, float* out) {
+  const int64_t full = k / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    float* o = out + (n - n0) * k;
+    for (int64_t b = 0; b < full; ++b) {
+      const uint8_t* block = row + b * F::kBlockBytes;
+      float ds, ms;
+      F::scales(block, ds, ms);
+      const vf d = splat(ds), m = splat(ms);
+      for (int p = 0; p < 32 / W; ++p) {
+        const vf v = F::piece(block, p, d, m);
+        __builtin_memcpy(o + b * 32 + p * W, &v, sizeof(v));
+      }
+    }
+    for (int64_t t = full * 32; t < k; ++t) o[t] = F::element(row + full * F::kBlockBytes, static_cast<int>(t - full * 32));
+  }
+}
+}  // namespace
+
+void dequantize_blocks(WeightFormat format, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t n0, int64_t n1,
+                       float* out) {
+  if (format == WeightFormat::kQ4_1) return dequantize_run<Q4_1>(w, row_bytes, k, n0, n1, out);
+  if (format == WeightFormat::kQ8_0) return dequantize_run<Q8_0>(w, row_bytes, k, n0, n1, out);
 }
 
 void add_low_rank(float* y, int64_t n, const float* s, int64_t r, const void* tiles, bool bf16) {
