@@ -28,7 +28,7 @@ struct PackedLinear {
   const float* scale;  // (N,) for int8
   const float* bias;   // (N,) or nullptr
   int64_t n, k;        // W is (N, K)
-  bool int_dot = false;  // Q4_1 / Q8_0 named with ":i8": products with < 4 rows of x take the integer dots
+  bool int_dot = false;  // Q4_1 / Q8_0 named with ":i8": the approximate path (integer dots, bfloat16 products)
 };
 
 // weight: fp32 / bf16 (N, K), int8 (N, K) with scale float32 (N,), q4_1 uint8 (N, ceil(K/32) * 20) or q8_0 uint8
