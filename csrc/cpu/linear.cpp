@@ -135,9 +135,9 @@ int64_t block_count(int64_t k) { return (k + 31) / 32; }
 // kernels (decode, short chunks).
 constexpr int64_t kGemmRows = 32;
 // Integer dot products ("...:i8" formats) for fewer than this many rows of x; from it on, the bfloat16 products
-// where the CPU has them (bf16_products: AVX512-BF16, HMT_BF16_GEMM), else still the integer dots, which cost
-// about half the float32 kernels' instructions per product (a block's nibbles decoded once per tile of rows,
-// 32 products per byte-pair instruction where the float32 kernels convert and multiply 8 floats at a time).
+// where the CPU has them (bf16_products: AVX512-BF16, HMT_BF16_GEMM), else still the integer dots: a row's outputs
+// are then the same alone or batched, and on an AVX2 CPU at 8 rows they were a little faster than the float32
+// kernels (every matrix of the model once: 50.9 against 53.5 ms, benchmarks/RESULTS.md).
 constexpr int64_t kDotRows = 4;
 
 const char* format_name(WeightFormat f) {

@@ -78,7 +78,7 @@ struct Bf16Args {
 
 // dequantize_blocks: rows n0 .. n1 of Q4_1 / Q8_0 blocks as float32 into out (n1 - n0, K), d q + m and d q exactly
 // as the float32-exact kernels see them (the panels of linear_gemm).
-// y[o] += sum_j s[j] B^T[j, o] for o < n, B^T in tiles of kLowRankTile outputs (tile t: r rows of 16
+// add_low_rank: y[o] += sum_j s[j] B^T[j, o] for o < n, B^T in tiles of kLowRankTile outputs (tile t: r rows of 16
 // coefficients, tiles[t * r * 16 + j * 16 + i] = B^T[j, 16 t + i], float32 or (bf16) bfloat16, zero past N):
 // the r outputs s of A x scaled into a LoRA update, read sequentially; each y vector loaded and stored once.
 #define HMT_LINEAR_BUILD_ENTRIES                                                                     \
