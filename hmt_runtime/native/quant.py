@@ -38,13 +38,14 @@ on such CPUs (``HMT_BF16_GEMM=0`` turns it off, ``=1`` forces it).  Without
 the extension, on another device, or for float64 inputs and inputs that record autograd, ``QuantLinear`` runs
 ``F.linear`` on the dequantized weight (correct, slower).
 
-Integer dot products (``QuantLinear.int_dot``, kernel formats ``q4_1:i8`` / ``q8_0:i8``): below 32 rows of x (decode,
-batched decode; from 4 rows the bfloat16 products instead where the CPU has them), q4 and q8 layers can quantize x to int8 per block of 32 (d = max |x| / 127, q = round(x / d)) and take
-integer dot products against the blocks, as llama.cpp does: Q4_1 gives d_w d_x sum(q_w q_x) + m_w d_x sum(q_x),
-Q8_0 d_w d_x sum(q_w q_x), the integer sums exact, the block terms summed in float32 (AVX-512 VNNI, AVX2, portable
-builds).  The error is that of x's quantization, at most sum |w| d_x / 2 per output.  ``load_backbone`` turns
-them on for the layers it quantizes unless ``HMT_INT_DOT=0`` (``int_dot_default()``); ``set_int_dot(module, on)``
-switches a loaded model.  benchmarks/quality_int_dot.py measures what they cost in perplexity and greedy tokens.
+Integer dot products (``QuantLinear.int_dot``, kernel formats ``q4_1:i8`` / ``q8_0:i8``): below 32 rows of x
+(decode, batched decode; from 4 rows the bfloat16 products instead where the CPU has them), q4 and q8 layers can
+quantize x to int8 per block of 32 (d = max |x| / 127, q = round(x / d)) and take integer dot products against the
+blocks, as llama.cpp does: Q4_1 gives d_w d_x sum(q_w q_x) + m_w d_x sum(q_x), Q8_0 d_w d_x sum(q_w q_x), the
+integer sums exact, the block terms summed in float32 (AVX-512 VNNI, AVX2, portable builds). The error is that of
+x's quantization, at most sum |w| d_x / 2 per output. ``load_backbone`` turns them on for the layers it quantizes
+unless ``HMT_INT_DOT=0`` (``int_dot_default()``); ``set_int_dot(module, on)`` switches a loaded model.
+benchmarks/quality_int_dot.py measures what they cost in perplexity and greedy tokens.
 
 Over 500 lines: the formats, their layers and their loaders share the block layouts.
 """
