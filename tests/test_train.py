@@ -363,6 +363,30 @@ def test_after_first_loss_and_distillation_terms():
     assert float(distillation_kl(full, full.topk(5, -1).values, full.topk(5, -1).indices)) > -1e-12
 
 
+def test_distillation_on_answer_batches_stops_at_each_rows_last_label():
+    model = tiny_model()
+    ids = corpus(2, docs=2, length=3 * SEGMENT - 2)
+    labels = torch.full_like(ids, -100)
+    labels[0, 2 * SEGMENT + 1 : 2 * SEGMENT + 4] = ids[0, 2 * SEGMENT + 1 : 2 * SEGMENT + 4]  # row 0: padding after
+    labels[1, 2 * SEGMENT + 5 : 2 * SEGMENT + 7] = ids[1, 2 * SEGMENT + 5 : 2 * SEGMENT + 7]
+    values, index = teacher_topk(model, ids, k=VOCAB)
+    parts = {}
+    loss = LastSegmentLoss(model)(ids, True, (values, index), 0.25, parts, labels=labels)
+    logits = model(ids, use_recall=True).logits
+    first = 2 * SEGMENT  # the segment predicting the first label
+    ce = torch.nn.functional.cross_entropy(logits[:, first:-1].reshape(-1, VOCAB), labels[:, first + 1 :].reshape(-1))
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits[:, first:-1], -1), values.gather(-1, index.argsort(-1))[:, first:-1],
+                                    log_target=True, reduction="none").sum(-1)
+    # positions first .. last label - 1 of each row predict its prompt and answer; those after it are padding
+    expected_kl = torch.cat([kl[0, : 2 * SEGMENT + 3 - first], kl[1, : 2 * SEGMENT + 6 - first]]).mean()
+    assert torch.allclose(parts["ce"], ce, rtol=1e-10)
+    assert torch.allclose(parts["kl"], expected_kl, rtol=1e-10)
+    assert not torch.allclose(parts["kl"], kl.mean(), rtol=1e-3)  # the padding would have counted
+    assert torch.allclose(loss, ce + 0.25 * expected_kl, rtol=1e-10)
+    with pytest.raises(ValueError, match="retrieval_distill"):
+        TrainConfig(retrieval_distill=-1.0)
+
+
 def test_hmt_learning_rate_scale_and_option_errors(tmp_path):
     model = tiny_model()
     seen = {}

@@ -20,7 +20,8 @@ class LastSegmentLoss(nn.Module):
     only on the last segment (the others act only through memory).  ``loss_on`` "after_first" scores every
     segment but the first, "all" every position (``core.segment.loss_start``, as the forward does).  With
     ``teacher`` (``teacher_topk``'s (log-probs, ids), each (B, S, k)) and ``distill_weight`` w, the loss is
-    CE + w * KL(teacher || HMT) over the same positions; ``parts`` (a dict) receives the two terms.
+    CE + w * KL(teacher || HMT) over the same positions (with ``labels``, the positions up to each row's last
+    label: the prompt as well as its answer, never the padding); ``parts`` (a dict) receives the two terms.
     ``detach_memory``: the segments wholly before the scored ones run without gradient, so only the read side
     (what the scored segments do with the memories) trains."""
 
@@ -53,7 +54,12 @@ class LastSegmentLoss(nn.Module):
         if parts is not None:
             parts["ce"] = loss.detach()
         if teacher is not None and distill_weight:
-            kl = distillation_kl(logits[:, :-1], teacher[0][:, first:-1], teacher[1][:, first:-1])
+            mask = None
+            if labels is not None:  # each row up to its last label: prompt and answer, not the padding after it
+                positions = torch.arange(labels.shape[1], device=labels.device)
+                ends = torch.where(labels != -100, positions, -1).amax(dim=1, keepdim=True)
+                mask = (positions < ends)[:, first:-1]
+            kl = distillation_kl(logits[:, :-1], teacher[0][:, first:-1], teacher[1][:, first:-1], mask)
             if parts is not None:
                 parts["kl"] = kl.detach()
             loss = loss + distill_weight * kl
@@ -78,13 +84,18 @@ def teacher_topk(model: HMTModel, input_ids: torch.Tensor, k: int) -> tuple[torc
     return torch.cat(values), torch.cat(indices)
 
 
-def distillation_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+def distillation_kl(logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of KL(p || q) on the teacher's top-k tokens: p the teacher's top-k probabilities
-    renormalised, q the student's softmax.  logits (B, L, V); teacher_logp, teacher_ids (B, L, k)."""
+    renormalised, q the student's softmax.  logits (B, L, V); teacher_logp, teacher_ids (B, L, k); mask (B, L)
+    bool: the positions the mean is over (None: all)."""
     p_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)
     q_logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     q_logp = q_logp.gather(-1, teacher_ids)
-    return (p_logp.exp() * (p_logp - q_logp)).sum(-1).mean()
+    kl = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
 @contextlib.contextmanager

@@ -94,7 +94,10 @@ class TrainConfig:
     tasks drawn from (``retrieval.TASKS``); retrieval_tail: at most this many prompt ids in such a prompt's last
     segment (None: up to the segment's length; fewer make cheaper steps).  detach_memory: the segments before
     the scored ones run without gradient, so only the read side trains (``LastSegmentLoss``), at about half the
-    cost of a step.
+    cost of a step.  retrieval_distill: weight of a distillation term on the retrieval batches too (the
+    backbone's full-window predictions over the scored segments' prompt and answer, as ``distill_weight`` does on
+    language modelling; 0 = off): the backbone, which sees the needle, predicts the answer as well, and the prose
+    around it holds the adapter to the backbone's language modelling where retrieval alone would not.
     lora_targets: "attention" (q/k/v/o projections) or "all" (also the MLP's projections).  A model started
     from a checkpoint whose adapter covers only the attention keeps those weights; the new MLP adapters start
     at zero (LoRA's B = 0), so the run starts from exactly the checkpoint's function.
@@ -146,6 +149,7 @@ class TrainConfig:
     retrieval_tasks: list[str] = field(default_factory=lambda: list(retrieval.TASKS))
     retrieval_tail: int | None = None
     detach_memory: bool = False
+    retrieval_distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -184,6 +188,8 @@ class TrainConfig:
             raise ValueError(f"retrieval_tail={self.retrieval_tail!r}: expected an integer >= 24 or None")
         if not isinstance(self.detach_memory, bool):
             raise ValueError(f"detach_memory={self.detach_memory!r}: expected True or False")
+        if not self.retrieval_distill >= 0:
+            raise ValueError(f"retrieval_distill={self.retrieval_distill!r}: expected a number >= 0 (0 = off)")
         if not isinstance(self.prompt_recall, bool):
             raise ValueError(f"prompt_recall={self.prompt_recall!r}: expected True or False")
         if self.replay is not None and (isinstance(self.replay, bool) or not isinstance(self.replay, int)
@@ -641,7 +647,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
             stage = 0 if step < config.stage1_steps else 1
             use_recall = stage == 1
             started = time.perf_counter()
-            teacher, parts, extra = None, {}, {}
+            teacher, weight, parts, extra = None, config.distill_weight, {}, {}
             if use_recall and config.retrieval_every and (step + 1) % config.retrieval_every == 0:
                 rng = random.Random(config.seed * 1_000_003 + step)  # a function of the step: resumes exactly
                 segments = rng.randint(2, config.retrieval_segments)
@@ -653,6 +659,10 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                 extra = {"prompt_end": prompt_end[rank::world], "labels": labels[rank::world].to(device),
                          "detach_memory": config.detach_memory}
                 parts["segments"] = torch.tensor(float(segments))
+                if config.retrieval_distill:
+                    weight = config.retrieval_distill
+                    with autocast:
+                        teacher = teacher_topk(model, ids, config.distill_top_k)
             else:
                 indices = samplers[stage].next_batch()[rank::world]
                 ids = windows[stage].batch(indices).to(device)
@@ -660,8 +670,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                     with autocast:
                         teacher = teacher_topk(model, ids, config.distill_top_k)
             with segment_checkpointing(model, config.grad_checkpointing), autocast:
-                loss = objective(ids, use_recall, teacher, config.distill_weight if teacher is not None else 0.0,
-                                 parts, **extra)
+                loss = objective(ids, use_recall, teacher, weight if teacher is not None else 0.0, parts, **extra)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -782,6 +791,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="at most N prompt ids in a retrieval prompt's last segment (cheaper steps)")
     parser.add_argument("--detach-memory", action="store_true",
                         help="retrieval steps train the read side only (memories written without gradient)")
+    parser.add_argument("--retrieval-distill", type=float, default=d.retrieval_distill, metavar="W",
+                        help="weight of the distillation term on retrieval batches too: the backbone's full-window "
+                             "predictions over the scored segments' prompt and answer (default 0 = off)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from <output-dir>/checkpoint (or the given checkpoint folder)")
     parser.add_argument("--overwrite", action="store_true", help="start over even if output-dir holds a checkpoint")
