@@ -86,7 +86,9 @@ def _quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     blocks = F.pad(x, (0, pad)).reshape(m, -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
     d = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax as one float32 division, as the kernels compute it (a Python number over a tensor is the
+    # reciprocal times the number in torch: an ulp off, which moves a product near .5 to the other integer)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv).clamp(-127, 127)
     x_hat = (d.double() * q.double()).reshape(m, -1)[:, :k]
     return x_hat, d.expand_as(blocks).reshape(m, -1)[:, :k].double()

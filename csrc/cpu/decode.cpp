@@ -51,8 +51,8 @@ struct Projection {
 };
 
 // y_i (m, N_i) = x (m, K) W_i^T (+ b_i) (+ scale_i * B_i (A_i x)) for `count` projections that read the same x
-// (q / k / v; gate / up), in one parallel region (linear_parallel_many): the LoRA A products first on the
-// calling thread, then the weight rows split over the pool, each thread adding B_i s to the rows it computed.
+// (q / k / v; gate / up), in one parallel region (linear_parallel_many): the LoRA A products in parts shared by
+// the pool's threads, then the weight rows split over the pool, each thread adding B_i s to the rows it computed.
 void project(const Projection* ps, int count, const float* x, int64_t m, float* const* ys,
              std::vector<float>& scratch) {
   constexpr int kMax = kMaxSharedProjections;
@@ -83,8 +83,8 @@ void project(const Projection* ps, int count, const float* x, int64_t m, float* 
 }
 
 // The LoRA factors of `count` projections towards the caches (software prefetches, issued by the calling thread
-// just before the parallel region that precedes their use): A is read by the calling thread alone, right at the
-// start of its projections, and both factors are small pieces left cold by the ~96 MB of weights each step
+// just before the parallel region that precedes their use): A is read right at the start of the projections,
+// and both factors are small pieces left cold by the ~96 MB of weights each step
 // streams, so each would otherwise start with a wait on DRAM.
 void prefetch_low_rank(const Projection* ps, int count) {
   for (int i = 0; i < count; ++i) {

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <mutex>
+#include <thread>
 
 #include "common.h"
 
@@ -318,12 +319,63 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 }
 
 
+// The LowRank A products of one linear_parallel_many call as parts (a projection's A rows [n0, n1): pieces of at
+// least kPartRows rows, at most kPartsPerFactor per factor) that the threads of its region claim in order: take_share(threads, fn) at the start
+// of a thread's range computes up to its share of the parts, finish(fn) before the first use of s computes any
+// part still unclaimed, then waits until every claimed part is done.  Nothing waits on a thread that has not
+// started: a part is waited for only once some thread has claimed it, so a region run on fewer threads than it
+// was split for (or none) still finishes.
+class LowRankParts {
+ public:
+  struct Part {
+    int i;
+    int64_t n0, n1;
+  };
+  static constexpr int kPartsPerFactor = 4;
+  static constexpr int64_t kPartRows = 4;  // rows per part, about (few rows per call of a kernel are slow)
+
+  void add(int i, int64_t rows) {
+    const int64_t pieces = std::clamp<int64_t>((rows + kPartRows - 1) / kPartRows, 1, kPartsPerFactor);
+    for (int64_t p = 0; p < pieces; ++p) parts_[count_++] = Part{i, rows * p / pieces, rows * (p + 1) / pieces};
+  }
+
+  template <class Fn>
+  void take_share(int64_t threads, const Fn& fn) {
+    const int64_t share = (count_ + threads - 1) / std::max<int64_t>(threads, 1);
+    for (int64_t taken = 0; taken < share && claim(fn); ++taken) {
+    }
+  }
+
+  template <class Fn>
+  void finish(const Fn& fn) {
+    while (claim(fn)) {
+    }
+    while (done_.load(std::memory_order_acquire) < count_) std::this_thread::yield();
+  }
+
+ private:
+  template <class Fn>
+  bool claim(const Fn& fn) {
+    if (next_.load(std::memory_order_relaxed) >= count_) return false;
+    const int p = next_.fetch_add(1, std::memory_order_relaxed);
+    if (p >= count_) return false;
+    fn(parts_[p]);
+    done_.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+
+  std::array<Part, kMaxSharedProjections * kPartsPerFactor> parts_{};
+  int count_ = 0;
+  std::atomic<int> next_{0}, done_{0};
+};
+
 // run(i, n0, n1) over all weight rows of the `count` projections ps[i] (which read the same m rows of x): on
 // the calling thread for small products, else contiguous ranges of whole tasks of kRowsPerTask rows (a multiple
 // of every build's weight-row tile), one range per pool thread, the tasks of all projections in one list so that
-// they share one parallel region.
-template <class Run>
-void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, const Run& run) {
+// they share one parallel region.  begin(threads) runs first on every thread that takes a range (once on the
+// calling thread when there is no region), before its first run().
+template <class Run, class Begin>
+void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, const Run& run, const Begin& begin) {
   constexpr int64_t kRowsPerTask = 16;
   static_assert(kRowsPerTask % kLowRankTile == 0, "a task's first row starts a tile of a LowRank update");
   std::array<int64_t, kMaxSharedProjections + 1> first{};  // the first task of each projection
@@ -345,11 +397,16 @@ void split_weight_rows(const PackedLinear* const* ps, int count, int64_t m, cons
   };
   const int64_t threads = pool_threads(work);
   if (threads <= 1 || tasks <= 1) {
+    begin(int64_t{1});
     range(0, tasks);
     return;
   }
   const int64_t per_thread = (tasks + threads - 1) / threads;
-  at::parallel_for(0, tasks, per_thread, range);
+  const int64_t chunks = (tasks + per_thread - 1) / per_thread;
+  at::parallel_for(0, tasks, per_thread, [&](int64_t t0, int64_t t1) {
+    begin(chunks);
+    range(t0, t1);
+  });
 }
 
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
@@ -406,22 +463,36 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
     quantize_once();
     dots[i] = DotArgs{p.format, p.w, p.row_bytes, k, qx.data(), ldq, dx.data(), sx.data(), m, p.bias, ys[i], ldys[i]};
   }
-  // The LowRank updates' s = scale * A x (r outputs per row of x: small, on the calling thread, sharing x's
-  // quantization with the projections).
+  // The LowRank updates' s = scale * A x (r outputs per row of x, sharing x's quantization with the
+  // projections), in parts of A's rows that the region's threads claim (LowRankParts): each thread first computes
+  // its share, then its weight rows; before it adds s B^T to those rows, it computes whatever part is still
+  // unclaimed or waits for the parts being computed.  With no region, the calling thread computes them all.
+  LowRankParts parts;
   for (int i = 0; low_rank != nullptr && i < count; ++i) {
     const LowRank* lr = low_rank[i];
     if (lr == nullptr) continue;
     const PackedLinear& a = *lr->a;
     TORCH_CHECK(a.k == k && a.n == lr->r, "linear_parallel_many: LowRank A must be (r, K)");
-    if (takes_dots(a)) {
-      quantize_once();
-      build.dot(DotArgs{a.format, a.w, a.row_bytes, k, qx.data(), ldq, dx.data(), sx.data(), m, nullptr, lr->s,
-                        lr->r}, 0, a.n);
-    } else {
-      build.fn(kernel_args(a, x, ldx, m, lr->s, lr->r), 0, a.n);
-    }
-    for (int64_t j = 0; j < m * lr->r; ++j) lr->s[j] *= lr->scale;
+    if (takes_dots(a)) quantize_once();
+    parts.add(i, a.n);
   }
+  // (qx, dx and sx are the calling thread's: a lambda run on another thread would name that thread's own)
+  const int8_t* const q_data = qx.data();
+  const float* const d_data = dx.data();
+  const float* const s_data = sx.data();
+  const auto low_rank_part = [&](const LowRankParts::Part& part) {
+    const LowRank* lr = low_rank[part.i];
+    const PackedLinear& a = *lr->a;
+    if (takes_dots(a)) {
+      build.dot(DotArgs{a.format, a.w, a.row_bytes, k, q_data, ldq, d_data, s_data, m, nullptr, lr->s, lr->r},
+                part.n0, part.n1);
+    } else {
+      build.fn(kernel_args(a, x, ldx, m, lr->s, lr->r), part.n0, part.n1);
+    }
+    for (int64_t row = 0; row < m; ++row)
+      for (int64_t j = part.n0; j < part.n1; ++j) lr->s[row * lr->r + j] *= lr->scale;
+  };
+  const auto begin = [&](int64_t threads) { parts.take_share(threads, low_rank_part); };
   split_weight_rows(ps, count, m, [&](int i, int64_t n0, int64_t n1) {
     if (dot[i]) {
       build.dot(dots[i], n0, n1);
@@ -432,12 +503,13 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
     }
     const LowRank* lr = low_rank == nullptr ? nullptr : low_rank[i];
     if (lr != nullptr) {  // the same rows, while they are in cache: y[:, n0:n1] += s B^T[:, n0:n1]
+      parts.finish(low_rank_part);
       const int64_t tile_bytes = lr->r * kLowRankTile * (lr->bf16 ? 2 : 4);  // n0: a whole task, whole tiles
       const uint8_t* tiles = static_cast<const uint8_t*>(lr->tiles) + (n0 / kLowRankTile) * tile_bytes;
       for (int64_t row = 0; row < m; ++row)
         build.low_rank(ys[i] + row * ldys[i] + n0, n1 - n0, lr->s + row * lr->r, lr->r, tiles, lr->bf16);
     }
-  });
+  }, begin);
 }
 
 void linear_parallel(const PackedLinear& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy) {

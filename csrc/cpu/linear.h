@@ -54,10 +54,10 @@ struct LowRank {
 
 // linear_parallel of `count` projections ps[i] (same K, count <= kMaxSharedProjections) of the same x into ys[i]
 // (row stride ldys[i]), in one parallel region: their weight rows split over the pool together, x quantized once
-// for the integer dots.  low_rank (optional, one entry per projection, nullptr for none): first s = scale * A x
-// on the calling thread (r outputs per row of x, sharing x's quantization with the projections), then each
-// thread adds s B^T to the rows it has just computed, so that the adapter's second factor is read in parallel,
-// beside the weight rows it updates.
+// for the integer dots.  low_rank (optional, one entry per projection, nullptr for none): s = scale * A x (r
+// outputs per row of x, sharing x's quantization with the projections) in parts of A's rows that the region's
+// threads share, each before its weight rows; then each thread adds s B^T to the rows it has just computed, so
+// that both factors are read in parallel, the second beside the weight rows it updates.
 constexpr int kMaxSharedProjections = 8;
 void linear_parallel_many(const PackedLinear* const* ps, int count, const float* x, int64_t ldx, int64_t m,
                           float* const* ys, const int64_t* ldys, const LowRank* const* low_rank = nullptr);
