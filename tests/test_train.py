@@ -375,7 +375,8 @@ def test_distillation_on_answer_batches_stops_at_each_rows_last_label():
     logits = model(ids, use_recall=True).logits
     first = 2 * SEGMENT  # the segment predicting the first label
     ce = torch.nn.functional.cross_entropy(logits[:, first:-1].reshape(-1, VOCAB), labels[:, first + 1 :].reshape(-1))
-    kl = torch.nn.functional.kl_div(torch.log_softmax(logits[:, first:-1], -1), values.gather(-1, index.argsort(-1))[:, first:-1],
+    full = values.gather(-1, index.argsort(-1))  # the teacher's log-probs in vocabulary order (k = V)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits[:, first:-1], -1), full[:, first:-1],
                                     log_target=True, reduction="none").sum(-1)
     # positions first .. last label - 1 of each row predict its prompt and answer; those after it are padding
     expected_kl = torch.cat([kl[0, : 2 * SEGMENT + 3 - first], kl[1, : 2 * SEGMENT + 6 - first]]).mean()

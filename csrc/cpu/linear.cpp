@@ -319,12 +319,12 @@ PackedLinear pack_linear(const at::Tensor& weight, const std::optional<at::Tenso
 }
 
 
-// The LowRank A products of one linear_parallel_many call as parts (a projection's A rows [n0, n1): pieces of at
-// least kPartRows rows, at most kPartsPerFactor per factor) that the threads of its region claim in order: take_share(threads, fn) at the start
-// of a thread's range computes up to its share of the parts, finish(fn) before the first use of s computes any
-// part still unclaimed, then waits until every claimed part is done.  Nothing waits on a thread that has not
-// started: a part is waited for only once some thread has claimed it, so a region run on fewer threads than it
-// was split for (or none) still finishes.
+// The LowRank A products of one linear_parallel_many call as parts (a projection's A rows [n0, n1): pieces of
+// about kPartRows rows, at most kPartsPerFactor per factor) that the threads of its region claim in order:
+// take_share(threads, fn) at the start of a thread's range computes up to its share of the parts, finish(fn)
+// before the first use of s computes any part still unclaimed, then waits until every claimed part is done.
+// Nothing waits on a thread that has not started: a part is waited for only once some thread has claimed it, so
+// a region run on fewer threads than it was split for (or none) still finishes.
 class LowRankParts {
  public:
   struct Part {
@@ -332,7 +332,7 @@ class LowRankParts {
     int64_t n0, n1;
   };
   static constexpr int kPartsPerFactor = 4;
-  static constexpr int64_t kPartRows = 4;  // rows per part, about (few rows per call of a kernel are slow)
+  static constexpr int64_t kPartRows = 4;  // few rows per call of a kernel are slow
 
   void add(int i, int64_t rows) {
     const int64_t pieces = std::clamp<int64_t>((rows + kPartRows - 1) / kPartRows, 1, kPartsPerFactor);
