@@ -647,7 +647,7 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
             stage = 0 if step < config.stage1_steps else 1
             use_recall = stage == 1
             started = time.perf_counter()
-            teacher, weight, parts, extra = None, config.distill_weight, {}, {}
+            teacher, parts, extra = None, {}, {}
             if use_recall and config.retrieval_every and (step + 1) % config.retrieval_every == 0:
                 rng = random.Random(config.seed * 1_000_003 + step)  # a function of the step: resumes exactly
                 segments = rng.randint(2, config.retrieval_segments)
@@ -659,18 +659,16 @@ def train(config: TrainConfig, model: HMTModel | None = None, corpus=None, resum
                 extra = {"prompt_end": prompt_end[rank::world], "labels": labels[rank::world].to(device),
                          "detach_memory": config.detach_memory}
                 parts["segments"] = torch.tensor(float(segments))
-                if config.retrieval_distill:
-                    weight = config.retrieval_distill
-                    with autocast:
-                        teacher = teacher_topk(model, ids, config.distill_top_k)
+                weight = config.retrieval_distill
             else:
                 indices = samplers[stage].next_batch()[rank::world]
                 ids = windows[stage].batch(indices).to(device)
-                if config.distill_weight:
-                    with autocast:
-                        teacher = teacher_topk(model, ids, config.distill_top_k)
+                weight = config.distill_weight
+            if weight:
+                with autocast:
+                    teacher = teacher_topk(model, ids, config.distill_top_k)
             with segment_checkpointing(model, config.grad_checkpointing), autocast:
-                loss = objective(ids, use_recall, teacher, weight if teacher is not None else 0.0, parts, **extra)
+                loss = objective(ids, use_recall, teacher, weight, parts, **extra)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
