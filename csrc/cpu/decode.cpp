@@ -93,8 +93,8 @@ void prefetch_low_rank(const Projection* ps, int count) {
     const int64_t a_bytes = ps[i].lora_a.n * ps[i].lora_a.row_bytes;
     for (int64_t off = 0; off < a_bytes; off += 64) __builtin_prefetch(a + off, 0, 2);
     const auto* bt = static_cast<const uint8_t*>(ps[i].lora_bt);
-    const int64_t bt_bytes = (ps[i].base.n + kLowRankTile - 1) / kLowRankTile * kLowRankTile * ps[i].lora_a.n *
-                             (ps[i].lora_bt_bf16 ? 2 : 4);
+    const int64_t bt_bytes = (ps[i].base.n + kLowRankTile - 1) / kLowRankTile *
+                             low_rank_tile_bytes(ps[i].lora_a.n, ps[i].lora_bt_bf16);
     for (int64_t off = 0; off < bt_bytes; off += 64) __builtin_prefetch(bt + off, 0, 2);
   }
 }

@@ -504,7 +504,7 @@ void linear_parallel_many(const PackedLinear* const* ps, int count, const float*
     const LowRank* lr = low_rank == nullptr ? nullptr : low_rank[i];
     if (lr != nullptr) {  // the same rows, while they are in cache: y[:, n0:n1] += s B^T[:, n0:n1]
       parts.finish(low_rank_part);
-      const int64_t tile_bytes = lr->r * kLowRankTile * (lr->bf16 ? 2 : 4);  // n0: a whole task, whole tiles
+      const int64_t tile_bytes = low_rank_tile_bytes(lr->r, lr->bf16);  // n0: a whole task, whole tiles
       const uint8_t* tiles = static_cast<const uint8_t*>(lr->tiles) + (n0 / kLowRankTile) * tile_bytes;
       for (int64_t row = 0; row < m; ++row)
         build.low_rank(ys[i] + row * ldys[i] + n0, n1 - n0, lr->s + row * lr->r, lr->r, tiles, lr->bf16);

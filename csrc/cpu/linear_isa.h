@@ -94,6 +94,8 @@ struct Bf16Args {
                          int64_t n1, float* out);
 
 constexpr int64_t kLowRankTile = 16;
+// Bytes of one tile of B^T (r rows of kLowRankTile coefficients, float32 or bfloat16).
+inline int64_t low_rank_tile_bytes(int64_t r, bool bf16) { return r * kLowRankTile * (bf16 ? 2 : 4); }
 
 namespace avx512 {
 HMT_LINEAR_BUILD_ENTRIES
